@@ -1,0 +1,135 @@
+"""File helpers shared by every backend: atomic writes and the model-directory layout.
+
+Our model directory is the one mlx-lm uses: `config.json` + `model.safetensors`, or, above a
+size limit, `model-00001-of-0000N.safetensors` shards listed in `model.safetensors.index.json`
+(`{"metadata": {...}, "weight_map": {tensor name: shard file}}`). Everything is written to a
+temporary name first and renamed, so an interrupted write never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+from .errors import HNetError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # mlx-lm's default shard size
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst` in one rename.
+
+    Refuses to replace an existing non-empty `dst` unless `force`.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    if os.path.exists(dst) and not os.path.isdir(dst):
+        raise HNetError(f"output path {dst} exists and is not a directory; choose another path")
+    if os.path.isdir(dst) and os.listdir(dst) and not force:
+        raise HNetError(f"output directory {dst} already exists and is not empty; pass --force to overwrite it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(dst):
+            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=parent)
+            os.rmdir(old)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[str]]:
+    """Split tensor names (in order) into shards of at most `max_shard_bytes` each."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, size in sizes.items():
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return [WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def write_index(directory: str, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    atomic_write_text(os.path.join(directory, INDEX_NAME), json.dumps(index, indent=2) + "\n")
+
+
+def weight_files(directory: str) -> list[str]:
+    """The safetensors files of a model directory, from its index if there is one."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HNetError(f"{index_path} is not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [WEIGHTS_NAME]
+    paths = [os.path.join(directory, name) for name in files]
+    for p in paths:
+        if not os.path.exists(p):
+            raise HNetError(f"weights file not found: {p}")
+    return paths
+
+
+def is_model_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME)) and (
+        os.path.exists(os.path.join(path, WEIGHTS_NAME)) or os.path.exists(os.path.join(path, INDEX_NAME))
+    )
+
+
+def read_safetensors_header(path: str) -> dict:
+    """Parse a safetensors header without reading tensor data (detects truncation early)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise HNetError(f"{path} is truncated or not a safetensors file (only {size} bytes)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise HNetError(f"{path} is truncated or not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise HNetError(f"{path} is not a safetensors file (unreadable header)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise HNetError(f"{path} is truncated: header promises {8 + n + end} bytes, file has {size}")
+    return header

@@ -1,0 +1,56 @@
+"""Shared test helpers: the official fixture's location and small configs of our own.
+
+The configs below are the internal-consistency cases for every backend: 1, 2 and 3 stages,
+Mamba and attention blocks with and without MLPs, stages wider than their parent (pad_dimension)
+and stages of equal width, and tiny SSD chunks so multi-chunk state passing runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hnet_core.config import HNetConfig
+
+FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "official", "1stage_tiny")
+
+SMALL_SSM = {"chunk_size": 8, "d_conv": 4, "d_state": 16, "expand": 2}
+
+
+def config_1stage() -> HNetConfig:
+    return HNetConfig.from_dict({
+        "arch_layout": ["m1t1", ["T1m1"], "M1"], "d_model": [64, 96], "d_intermediate": [128, 192],
+        "ssm_cfg": SMALL_SSM,
+        "attn_cfg": {"num_heads": [2, 4], "rotary_emb_dim": [8, 12], "window_size": [6, -1]},
+    })
+
+
+def config_2stage() -> HNetConfig:
+    return HNetConfig.from_dict({
+        "arch_layout": ["m1", ["T1m1", ["t1M1"], "m1T1"], "m1"], "d_model": [32, 32, 64],
+        "d_intermediate": [0, 64, 128], "ssm_cfg": SMALL_SSM,
+        "attn_cfg": {"num_heads": [2, 2, 4], "rotary_emb_dim": [8, 8, 16], "window_size": [5, 3, -1]},
+    })
+
+
+def config_3stage() -> HNetConfig:
+    return HNetConfig.from_dict({
+        "arch_layout": ["m1", ["m1", ["t1", ["T1"], "t1"], "m1"], "m1"], "d_model": [32, 64, 64, 96],
+        "d_intermediate": [0, 0, 0, 128], "ssm_cfg": SMALL_SSM,
+        "attn_cfg": {"num_heads": [2, 2, 4, 4], "rotary_emb_dim": [8, 8, 8, 8], "window_size": [-1, -1, 4, -1]},
+    })
+
+
+SMALL_CONFIGS = {"1stage": config_1stage, "2stage": config_2stage, "3stage": config_3stage}
+
+
+@pytest.fixture(params=sorted(SMALL_CONFIGS))
+def small_config(request) -> HNetConfig:
+    return SMALL_CONFIGS[request.param]()
+
+
+TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. From the top, he could "
+    "see the fishing boats returning to the harbor, their lanterns flickering like small stars on the dark water."
+)
