@@ -42,7 +42,7 @@ class CausalMHA(nn.Module):
         self.d_model, self.num_heads = d_model, num_heads
         self.head_dim = d_model // num_heads
         self.rotary_emb_dim, self.window_size, self.rotary_base = rotary_emb_dim, window_size, rotary_base
-        self.kernels = "auto"
+        self.use_kernels = "auto"
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
 
@@ -80,7 +80,7 @@ class CausalMHA(nn.Module):
         if state is not None:
             self._fill_cache(state, k, v, mask)
         ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                                max_seqlen=max_seqlen, mode=self.kernels)
+                                max_seqlen=max_seqlen, mode=self.use_kernels)
         return self.out_proj(ctx.reshape(b, l, self.d_model))
 
     def _fill_cache(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -123,5 +123,5 @@ class CausalMHA(nn.Module):
             visible = j[None] <= positions[:, None]  # every filled slot is within the window
         else:
             visible = kernels.window_mask(positions[:, None], j[None].expand(b, -1), self.window_size)[:, 0]
-        ctx = kernels.attention_step(q, state.k, state.v, visible, mode=self.kernels)
+        ctx = kernels.attention_step(q, state.k, state.v, visible, mode=self.use_kernels)
         return self.out_proj(ctx.reshape(b, 1, self.d_model))

@@ -1,9 +1,9 @@
 """The one dispatch point between the pure-PyTorch paths and fused CUDA kernels.
 
-Every mixer calls these functions with its `kernels` setting ("auto", "pure" or "fused"):
-  * "pure": plain PyTorch ops (ssd.py, shifted-sum conv, SDPA), on any device; the reference.
-  * "fused": mamba_ssm's Triton SSD scan and state update, causal_conv1d, flash_attn; CUDA only.
-  * "auto": fused where the tensor is on CUDA and the package imports, pure otherwise.
+Every mixer calls these functions with its `use_kernels` setting ("auto", "on" or "off"):
+  * "off": plain PyTorch ops (ssd.py, shifted-sum conv, SDPA), on any device; the reference.
+  * "on": mamba_ssm's Triton SSD scan and state update, causal_conv1d, flash_attn; CUDA only.
+  * "auto": the fused kernels where the tensor is on CUDA and the package imports, pure otherwise.
 Each fused path computes the same math as its pure twin; tests/test_cuda_kernels.py holds them
 to each other on a GPU.
 """
@@ -20,7 +20,7 @@ from hnet_core.errors import HNetError
 
 from . import ssd
 
-KERNEL_MODES = ("auto", "pure", "fused")
+KERNEL_MODES = ("auto", "on", "off")
 
 
 @lru_cache(maxsize=None)
@@ -48,13 +48,13 @@ def _flash_attn():
 
 
 def use_fused(mode: str, tensor: torch.Tensor, module_getter) -> bool:
-    if mode == "pure":
+    if mode not in KERNEL_MODES:
+        raise HNetError(f"use_kernels must be one of {KERNEL_MODES}, got {mode!r}")
+    if mode == "off":
         return False
     available = tensor.is_cuda and module_getter() is not None
-    if mode == "fused" and not available:
-        raise HNetError("kernels='fused' needs a CUDA tensor and the package installed (pip install 'hnet-mlx[cuda]'); use kernels='auto'")
-    if mode not in KERNEL_MODES:
-        raise HNetError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+    if mode == "on" and not available:
+        raise HNetError("use_kernels='on' needs a CUDA tensor and the fused packages (pip install 'hnet-mlx[cuda]'); use 'auto'")
     return available
 
 

@@ -79,14 +79,14 @@ class HNetForCausalLM(nn.Module):
         return out
 
     def set_kernels(self, mode: str) -> None:
-        """'auto' | 'pure' | 'fused' for every Mamba2 and attention layer (see kernels.py)."""
+        """'auto' | 'on' | 'off': fused CUDA kernels for every Mamba2 and attention layer (see kernels.py)."""
         from .kernels import KERNEL_MODES
 
         if mode not in KERNEL_MODES:
-            raise HNetError(f"kernels must be one of {KERNEL_MODES}, got {mode!r}")
+            raise HNetError(f"use_kernels must be one of {KERNEL_MODES}, got {mode!r}")
         for m in self.modules():
-            if hasattr(m, "kernels"):
-                m.kernels = mode
+            if hasattr(m, "use_kernels"):
+                m.use_kernels = mode
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> InferenceCache:
         if batch_size <= 0 or max_seqlen <= 0:

@@ -39,7 +39,7 @@ class Mamba2(nn.Module):
         self.headdim = headdim
         self.nheads = self.d_inner // headdim
         self.conv_dim = self.d_inner + 2 * d_state
-        self.kernels = "auto"
+        self.use_kernels = "auto"
         # Parameter registration order reproduces the official state-dict order.
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, bias=False, **factory)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=True, **factory)
@@ -74,7 +74,7 @@ class Mamba2(nn.Module):
             taps = xBC.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, self.conv_dim))
             state.conv.copy_((taps * (idx >= 0)[..., None]).transpose(1, 2))
         weight = self.conv1d.weight[:, 0]  # (conv_dim, d_conv)
-        xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.kernels)
+        xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.use_kernels)
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h); dt_limit = (0, inf): no clamp
         if mask is not None:
@@ -84,7 +84,7 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())
         y, final_state = kernels.ssd_scan(
             x.reshape(b, l, self.nheads, self.headdim), dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
-            self.D, seq_idx=seq_idx, mode=self.kernels,
+            self.D, seq_idx=seq_idx, mode=self.use_kernels,
         )
         if state is not None:
             state.ssm.copy_(final_state)
@@ -94,12 +94,12 @@ class Mamba2(nn.Module):
     def step(self, u: torch.Tensor, state: MambaState, active: torch.Tensor | None = None, **_) -> torch.Tensor:
         b = u.shape[0]
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))  # (b, ·)
-        xBC, conv = kernels.conv_step(state.conv, xBC, self.conv1d.weight[:, 0], self.conv1d.bias, mode=self.kernels)
+        xBC, conv = kernels.conv_step(state.conv, xBC, self.conv1d.weight[:, 0], self.conv1d.bias, mode=self.use_kernels)
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         y, ssm = kernels.ssm_step(
             state.ssm, x.reshape(b, self.nheads, self.headdim), dt, self.dt_bias, A, B[:, None], C[:, None], self.D,
-            mode=self.kernels,
+            mode=self.use_kernels,
         )
         commit(state.conv, conv, active)
         commit(state.ssm, ssm, active)
