@@ -1,0 +1,76 @@
+"""Loading a model for a named backend (torch, mlx, onnx), imported only when asked for.
+
+Every backend offers the same generation contract:
+    stream_generate(model, prompts, max_tokens=, sampling=, stop=) -> yields GenerationStep, returns GenerationStats
+so the CLIs render output and statistics the same way whichever framework computed the logits.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import HNetError
+
+BACKENDS = ("torch", "mlx", "onnx")
+_EXTRA = {"torch": "torch", "mlx": "mlx", "onnx": "onnx"}
+
+
+@dataclass
+class LoadedModel:
+    backend: str
+    model: Any
+    stream_generate: Callable
+    peak_memory: Callable[[], int | None]
+
+
+def _import(module: str, backend: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise HNetError(
+            f"the {backend} backend is not available ({e}); install it with pip install 'hnet-mlx[{_EXTRA[backend]}]'"
+        ) from None
+
+
+def _rss_peak() -> int | None:
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except Exception:
+        return None
+
+
+def load_model(backend: str, path: str, config: str | None = None, dtype: str | None = None,
+               device: str | None = None) -> LoadedModel:
+    if backend not in BACKENDS:
+        raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        torch_api = _import("hnet_torch", backend)
+        import torch
+
+        model = torch_api.load_pretrained(path, config=config, dtype=dtype, device=device)
+
+        def peak() -> int | None:
+            if model.embeddings.weight.is_cuda:
+                return int(torch.cuda.max_memory_allocated())
+            return _rss_peak()
+
+        return LoadedModel(backend, model, torch_api.stream_generate, peak)
+    if backend == "mlx":
+        mlx_api = _import("hnet_mlx", backend)
+        if config is not None:
+            raise HNetError("the mlx backend reads config.json from the model directory; convert with `hnet convert torch-to-mlx` first")
+        model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
+        import mlx.core as mx
+
+        return LoadedModel(backend, model, mlx_api.stream_generate, lambda: int(mx.get_peak_memory()) or _rss_peak())
+    onnx_api = _import("hnet_export", backend)
+    if config is not None or dtype is not None:
+        raise HNetError("the onnx backend reads its settings from the exported directory; --config/--dtype apply at export time")
+    model = onnx_api.OnnxHNet(path, provider=device or "auto")
+    return LoadedModel(backend, model, onnx_api.stream_generate, _rss_peak)

@@ -1,0 +1,181 @@
+"""The `hnet` command: generate with any backend, and the tools around the models.
+
+    hnet generate --backend torch --model MODEL --prompt "Hello"
+    hnet convert torch-to-mlx SRC DST          hnet convert mlx-to-torch SRC DST
+    hnet export onnx --model MODEL --out DIR
+    hnet train / eval / plot / data prepare
+
+Subcommands live beside the code they drive and are imported only when used, so `hnet generate
+--backend onnx` never imports torch. A user mistake prints one line (`Error: ...`), no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+import click
+
+from .errors import HNetError
+
+# name -> (module, attribute, pip extra that provides it)
+LAZY_COMMANDS = {
+    "convert": ("hnet_mlx.convert", "convert", "mlx,torch"),
+    "export": ("hnet_export.cli", "export", "onnx,torch"),
+    "train": ("hnet_torch.train", "train_command", "torch"),
+    "eval": ("hnet_core.evaluate", "eval_command", "torch"),
+    "plot": ("hnet_core.plot", "plot_command", "train"),
+    "data": ("hnet_core.data", "data_command", ""),
+}
+
+
+class HNetGroup(click.Group):
+    """A click group that imports subcommands lazily and turns HNetError into a one-line error."""
+
+    def __init__(self, *args, lazy: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            module, attr, extra = self.lazy[name]
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except ImportError as e:
+                reason = str(e)
+                hint = f"pip install 'hnet-mlx[{extra}]'" if extra else "reinstall hnet-mlx"
+
+                @click.command(name, help=f"(unavailable: {reason})", context_settings={"ignore_unknown_options": True})
+                @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+                def unavailable(args):
+                    raise click.ClickException(f"`{name}` needs packages that are not installed ({reason}); {hint}")
+
+                return unavailable
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HNetError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def read_prompts(prompts: Sequence[str]) -> list[str]:
+    """`-` reads the prompt from stdin (as UTF-8; invalid bytes are an error, not a crash)."""
+    out = []
+    for p in prompts:
+        if p == "-":
+            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+            try:
+                p = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HNetError(f"stdin is not valid UTF-8 (byte {e.start}); pass text or fix the input encoding") from None
+        out.append(p)
+    return out
+
+
+def sampling_options(f):
+    """The sampling flags shared by `hnet generate` and `hnet-mlx generate`."""
+    options = [
+        click.option("--max-tokens", "-m", default=256, show_default=True, type=int, help="Bytes to generate."),
+        click.option("--temperature", "--temp", "temperature", default=1.0, show_default=True, type=float,
+                     help="Sampling temperature; 0 = greedy."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass (1 = off)."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k most likely bytes (0 = off)."),
+        click.option("--min-p", default=0.0, show_default=True, type=float,
+                     help="Drop bytes below min_p x the top probability (0 = off)."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=float,
+                     help="Penalise bytes seen in the last 64 (1 = off)."),
+        click.option("--seed", default=None, type=int, help="Random seed for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--verbose", "-v", is_flag=True, help="Print throughput, memory and chunk statistics after generating."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def run_generation(loaded, prompts: list[str], max_tokens: int, temperature: float, top_p: float, top_k: int,
+                   min_p: float, repetition_penalty: float, seed: int | None, stop: Sequence[str], verbose: bool,
+                   out=None, on_step=None) -> list[str]:
+    """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats."""
+    from .sampling import SamplingParams
+
+    out = out or click.get_text_stream("stdout")
+    if max_tokens < 0:
+        raise HNetError(f"--max-tokens must be >= 0, got {max_tokens}")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    texts = [""] * len(prompts)
+    gen = loaded.stream_generate(loaded.model, prompts, max_tokens=max_tokens, sampling=params, stop=stop)
+    stats = None
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as done:
+            stats = done.value
+            break
+        for b, t in enumerate(step.texts):
+            texts[b] += t
+        if on_step is not None:
+            on_step(step)
+        elif len(prompts) == 1 and step.texts[0]:
+            out.write(step.texts[0])
+            out.flush()
+    if on_step is None:
+        if len(prompts) == 1:
+            out.write("\n")
+        else:
+            for i, t in enumerate(texts):
+                out.write(f"=== [{i}] {prompts[i]!r}\n{t}\n")
+        out.flush()
+    if verbose and stats is not None:
+        print_stats(stats, loaded.peak_memory())
+    return texts
+
+
+def print_stats(stats, peak_memory: int | None) -> None:
+    err = click.get_text_stream("stderr")
+    err.write("=" * 10 + "\n")
+    err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
+    err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")
+    if peak_memory:
+        err.write(f"Peak memory: {peak_memory / 1e9:.3f} GB\n")
+    for s, ratio in enumerate(stats.chunk_lengths):
+        err.write(f"Stage {s}: {stats.stage_boundaries[s]} chunks over {stats.stage_tokens[s]} tokens, "
+                  f"{ratio:.2f} tokens per chunk\n")
+    err.flush()
+
+
+@click.group(cls=HNetGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hnet-mlx")
+def main() -> None:
+    """H-Net: tokenizer-free hierarchical byte-level language models (PyTorch, MLX, ONNX)."""
+
+
+@main.command()
+@click.option("--backend", type=click.Choice(["torch", "mlx", "onnx"]), default="torch", show_default=True,
+              help="Which implementation runs the model.")
+@click.option("--model", "model_path", required=True, help="Model directory, or an official .pt checkpoint (torch).")
+@click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+              help="Prompt text, or - for stdin. Repeat to generate a batch together.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weights dtype (default float32; torch and mlx).")
+@click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")
+@sampling_options
+def generate(backend, model_path, config, prompts, dtype, device, **kw):
+    """Generate text from a prompt, streaming UTF-8 as it is produced."""
+    from .backends import load_model
+
+    prompts = read_prompts(prompts)
+    loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device)
+    run_generation(loaded, prompts, **kw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Loading and saving weights: official `.pt` state dicts and our safetensors model directory.
+
+    model = load_pretrained("hnet_2stage_XL.pt")                    # official; config recognised
+    model = load_pretrained("model.pt", config="config.json")
+    model = load_pretrained("model_dir/")                           # config.json + model.safetensors
+    save_pretrained(model, "model_dir/")                            # atomic, sharded above 5 GB
+
+`.pt` files are read with `torch.load(weights_only=True)` only (never unpickle untrusted data).
+Every problem (missing file, truncated file, wrong tensors, wrong config) is one HNetError line.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import torch
+
+from hnet_core import io
+from hnet_core.config import HNetConfig
+from hnet_core.errors import HNetError
+from hnet_core.official import check_shapes, config_for_weights
+
+from .lm import HNetForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise HNetError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def read_torch_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """A plain state dict from a `.pt` file (weights_only), with one-line errors."""
+    if not os.path.exists(path):
+        raise HNetError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # truncated zip, not a torch file, or a pickle that weights_only refuses
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HNetError(f"cannot read {path} as a PyTorch state dict (truncated or not a checkpoint?): {reason[:160]}") from None
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]  # a training checkpoint wrapping the state dict
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise HNetError(f"{path} does not hold a state dict of tensors")
+    return data
+
+
+def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in io.weight_files(directory):
+        io.read_safetensors_header(path)  # clear error for truncated files before safetensors' own
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:
+            raise HNetError(f"cannot read {path}: {str(e).splitlines()[0][:160]}") from None
+    return tensors
+
+
+def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
+                 ) -> tuple[dict[str, torch.Tensor], HNetConfig]:
+    """(state dict, config) from an official .pt (+ optional config) or one of our model directories."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise HNetError(f"model not found: {path} (give a model directory or a .pt checkpoint)")
+    if os.path.isdir(path):
+        if not io.is_model_dir(path):
+            raise HNetError(f"{path} is not a model directory (expected {io.CONFIG_NAME} and {io.WEIGHTS_NAME})")
+        weights = read_safetensors_dir(path)
+        cfg = config if isinstance(config, HNetConfig) else HNetConfig.from_json(config or os.path.join(path, io.CONFIG_NAME))
+    else:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            io.read_safetensors_header(path)
+            weights = load_file(path)
+        else:
+            weights = read_torch_checkpoint(path)
+        shapes = {k: tuple(v.shape) for k, v in weights.items()}
+        cfg = config if isinstance(config, HNetConfig) else config_for_weights(shapes, config)
+    if cfg.quantization is not None:
+        raise HNetError(f"{path} holds quantized MLX weights; load it with hnet_mlx.load or convert it with `hnet convert mlx-to-torch`")
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in weights.items()}, path)
+    return weights, cfg
+
+
+def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None,
+                    dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> HNetForCausalLM:
+    """An eval-mode HNetForCausalLM with the weights of `path` (see module docstring)."""
+    weights, cfg = load_weights(path, config)
+    torch_dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = HNetForCausalLM(cfg, dtype=torch_dtype)
+    model = model.to_empty(device=device or "cpu")
+    # residual_proj stays fp32 whatever the model dtype (official), so cast per parameter.
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=False)
+    if missing or unexpected:  # check_shapes already guarantees this; kept as an invariant
+        raise AssertionError(f"state dict mismatch after shape check: {missing} {unexpected}")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embeddings.weight
+    return model.eval()
+
+
+def save_pretrained(model: HNetForCausalLM, directory: str | os.PathLike, force: bool = False,
+                    max_shard_bytes: int = io.DEFAULT_SHARD_BYTES) -> None:
+    """Write config.json + model.safetensors (sharded above max_shard_bytes), atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["lm_head.weight"].clone()  # safetensors refuses shared storage
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    shards = io.plan_shards(sizes, max_shard_bytes)
+    names = io.shard_file_names(len(shards))
+    with io.atomic_directory(directory, force=force) as tmp:
+        weight_map = {}
+        for shard, name in zip(shards, names):
+            save_file({k: state[k] for k in shard}, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            io.write_index(tmp, weight_map, sum(sizes.values()))
+        model.config.to_json(os.path.join(tmp, io.CONFIG_NAME))
