@@ -105,7 +105,7 @@ def run_generation(loaded, prompts: list[str], max_tokens: int, temperature: flo
     """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats."""
     from .sampling import SamplingParams
 
-    out = out or click.get_text_stream("stdout")
+    out = out or sys.stdout
     if max_tokens < 0:
         raise HNetError(f"--max-tokens must be >= 0, got {max_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -124,22 +124,30 @@ def run_generation(loaded, prompts: list[str], max_tokens: int, temperature: flo
         if on_step is not None:
             on_step(step)
         elif len(prompts) == 1 and step.texts[0]:
-            out.write(step.texts[0])
-            out.flush()
+            safe_write(out, step.texts[0])
     if on_step is None:
         if len(prompts) == 1:
-            out.write("\n")
+            safe_write(out, "\n")
         else:
             for i, t in enumerate(texts):
-                out.write(f"=== [{i}] {prompts[i]!r}\n{t}\n")
-        out.flush()
+                safe_write(out, f"=== [{i}] {prompts[i]!r}\n{t}\n")
     if verbose and stats is not None:
         print_stats(stats, loaded.peak_memory())
     return texts
 
 
+def safe_write(out, text: str) -> None:
+    """Write and flush; a terminal that cannot show a character gets '?' instead of a crash."""
+    try:
+        out.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(out, "encoding", None) or "ascii"
+        out.write(text.encode(encoding, errors="replace").decode(encoding))
+    out.flush()
+
+
 def print_stats(stats, peak_memory: int | None) -> None:
-    err = click.get_text_stream("stderr")
+    err = sys.stderr
     err.write("=" * 10 + "\n")
     err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
     err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")

@@ -54,3 +54,33 @@ TEXT = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk. From the top, he could "
     "see the fishing boats returning to the harbor, their lanterns flickering like small stars on the dark water."
 )
+
+
+def random_torch_model(config: HNetConfig, seed: int = 0, routing_noise: float = 0.3):
+    """A torch HNetForCausalLM with the official init plus noise on every parameter, so routing makes
+    non-trivial decisions (identity q/k alone would mark almost nothing) and zero-init parts matter."""
+    import torch
+
+    from hnet_torch import HNetForCausalLM
+
+    torch.manual_seed(seed)
+    model = HNetForCausalLM(config)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = routing_noise if ("q_proj" in name or "k_proj" in name) else 0.02
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def padded_batch(seqs: list[list[int]], pad: int = 0):
+    """Right-padded (B, L) int64 ids and bool mask from lists of bytes."""
+    import torch
+
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
