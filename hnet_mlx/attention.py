@@ -1,0 +1,132 @@
+"""Causal multi-head attention with partial rotary embedding and a sliding window (official `CausalMHA`).
+
+Wqkv splits as (three, heads, head_dim). Rotary (base 10000, GPT-NeoX halves, fp32 angles) turns
+the first `rotary_emb_dim` channels of every q/k head; positions are absolute indices at this
+level (chunk indices for inner levels), restarting per sequence in packed mode. `window_size = w`
+lets each query see w previous keys and itself (flash-attn window (w, -1)); -1 is global.
+
+MLX layout: q/k/v and the KV cache are (B, heads, L, head_dim), what mx.fast SDPA and rope take.
+Rotary uses `mx.fast.rope` (traditional=False = GPT-NeoX halves) with a per-sample position
+offset, except in packed mode, where positions restart inside the row and cos/sin are computed
+explicitly (`rotary_cos_sin` / `apply_rotary`, the same formula).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from hnet_core.errors import HNetError
+
+from . import kernels
+from .cache import AttentionState
+
+
+def rotary_cos_sin(positions: mx.array, rotary_dim: int, base: float = 10000.0):
+    """cos, sin of shape positions.shape + (rotary_dim // 2,), fp32 (flash-attn RotaryEmbedding)."""
+    inv_freq = 1.0 / (base ** (mx.arange(0, rotary_dim, 2, dtype=mx.float32) / rotary_dim))
+    angles = positions.astype(mx.float32)[..., None] * inv_freq
+    return mx.cos(angles), mx.sin(angles)
+
+
+def apply_rotary(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x (b, h, l, d); cos/sin (b, l, r/2). Non-interleaved: rotate pairs (i, i + r/2)."""
+    r = cos.shape[-1] * 2
+    # flash-attn caches cos/sin in the activation dtype and rotates in fp32.
+    cos = cos.astype(x.dtype).astype(mx.float32)[:, None]
+    sin = sin.astype(x.dtype).astype(mx.float32)[:, None]
+    x1, x2 = x[..., : r // 2].astype(mx.float32), x[..., r // 2 : r].astype(mx.float32)
+    rotated = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+    return mx.concatenate([rotated, x[..., r:]], axis=-1)
+
+
+class CausalMHA(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, rotary_emb_dim: int = 0, window_size: int = -1,
+                 rotary_base: float = 10000.0):
+        super().__init__()
+        self.d_model, self.num_heads = d_model, num_heads
+        self.head_dim = d_model // num_heads
+        self.rotary_emb_dim, self.window_size, self.rotary_base = rotary_emb_dim, window_size, rotary_base
+        self.use_kernels = "auto"
+        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def cache_slots(self, max_seqlen: int) -> tuple[int, bool]:
+        """(slots, ring): a ring of window+1 slots when that is smaller than max_seqlen."""
+        if self.window_size >= 0 and self.window_size + 1 <= max_seqlen:
+            return self.window_size + 1, True
+        return max_seqlen, False
+
+    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> AttentionState:
+        slots, ring = self.cache_slots(max_seqlen)
+        shape = (batch_size, self.num_heads, slots, self.head_dim)
+        dtype = dtype or self.out_proj_dtype()
+        return AttentionState(k=mx.zeros(shape, dtype=dtype), v=mx.zeros(shape, dtype=dtype), ring=ring)
+
+    def out_proj_dtype(self):
+        """Activation dtype of this layer (a quantized out_proj keeps it in its scales)."""
+        return getattr(self.out_proj, "scales", self.out_proj.weight).dtype
+
+    def _qkv(self, x: mx.array, positions: mx.array | None = None, offset: int | mx.array = 0):
+        """q, k, v (b, h, l, d); rotary at `offset + arange(l)` (per-sample offset (b,)) or at `positions` (b, l)."""
+        b, l, _ = x.shape
+        qkv = self.Wqkv(x).reshape(b, l, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.rotary_emb_dim > 0:
+            if positions is not None:
+                cos, sin = rotary_cos_sin(positions, self.rotary_emb_dim, self.rotary_base)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            else:
+                rope = dict(traditional=False, base=self.rotary_base, scale=1.0, offset=offset)
+                q = mx.fast.rope(q, self.rotary_emb_dim, **rope)
+                k = mx.fast.rope(k, self.rotary_emb_dim, **rope)
+        return q, k, v
+
+    def __call__(self, x: mx.array, mask: mx.array | None = None, seq_idx: mx.array | None = None,
+                 positions: mx.array | None = None, cu_seqlens=None, max_seqlen=None,
+                 state: AttentionState | None = None) -> mx.array:
+        b, l, _ = x.shape
+        q, k, v = self._qkv(x, positions)
+        if state is not None:
+            self._fill_cache(state, k, v, mask)
+        ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, mode=self.use_kernels)  # (b, h, l, d)
+        return self.out_proj(ctx.transpose(0, 2, 1, 3).reshape(b, l, self.d_model))
+
+    def _fill_cache(self, state: AttentionState, k: mx.array, v: mx.array, mask: mx.array | None) -> None:
+        b, l = k.shape[0], k.shape[2]
+        slots = state.k.shape[2]
+        if not state.ring:
+            if l > slots:
+                raise HNetError(f"prompt of {l} tokens does not fit the cache's max_seqlen {slots}; allocate a larger cache")
+            state.k = mx.concatenate([k.astype(state.k.dtype), state.k[:, :, l:]], axis=2)
+            state.v = mx.concatenate([v.astype(state.v.dtype), state.v[:, :, l:]], axis=2)
+            return
+        # Slot j holds the latest position t < length with t = j (mod slots).
+        lengths = mask.sum(-1) if mask is not None else mx.full((b,), l)
+        j = mx.arange(slots)
+        t = j + slots * mx.floor_divide(lengths[:, None] - 1 - j, slots)  # (b, slots)
+        valid = (t >= 0)[:, None, :, None]
+        idx = mx.maximum(t, 0)[:, None, :, None]  # (b, 1, slots, 1)
+        state.k = mx.where(valid, mx.take_along_axis(k, idx, axis=2), state.k).astype(state.k.dtype)
+        state.v = mx.where(valid, mx.take_along_axis(v, idx, axis=2), state.v).astype(state.v.dtype)
+
+    def step(self, x: mx.array, state: AttentionState, positions: mx.array,
+             active: mx.array | None = None) -> mx.array:
+        """x (b, 1, d), positions (b,) = tokens already seen at this level."""
+        b = x.shape[0]
+        q, k, v = self._qkv(x, offset=positions)  # (b, h, 1, d)
+        slots = state.k.shape[2]
+        slot = positions % slots if state.ring else positions
+        j = mx.arange(slots)
+        write = j[None] == slot[:, None]  # (b, S): the one slot this byte goes to
+        if active is not None:
+            write = write & active[:, None]
+        write = write[:, None, :, None]
+        state.k = mx.where(write, k.astype(state.k.dtype), state.k)
+        state.v = mx.where(write, v.astype(state.v.dtype), state.v)
+        if state.ring:
+            visible = j[None] <= positions[:, None]  # every filled slot is within the window
+        else:
+            visible = kernels.window_mask(positions[:, None], mx.broadcast_to(j[None], (b, slots)), self.window_size)[:, 0]
+        ctx = kernels.attention_step(q, state.k, state.v, visible, mode=self.use_kernels)  # (b, h, 1, d)
+        return self.out_proj(ctx.transpose(0, 2, 1, 3).reshape(b, 1, self.d_model))

@@ -1,0 +1,122 @@
+"""Inference state, as dataclasses that mirror the module tree (official `HNetState`).
+
+`HNetForCausalLM.allocate_inference_cache(batch_size, max_seqlen)` builds one `HNetState` per
+level; reading these classes shows the whole cache. Every counter is per sample, so a batch of
+prompts of different lengths decodes together and each sample's inner levels advance only on
+that sample's boundaries.
+
+MLX arrays are immutable: layers *replace* the arrays in these dataclasses instead of writing
+into them. `state_arrays` / `with_arrays` flatten a state tree to a list of arrays and rebuild
+a copy around new arrays, so the whole decode step can be one `mx.compile`d function with the
+cache passed in and out as plain arrays (see lm.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import mlx.core as mx
+
+
+@dataclass
+class MambaState:
+    conv: mx.array  # (B, conv_dim, d_conv): the last d_conv inputs of the depthwise conv
+    ssm: mx.array  # (B, nheads, headdim, d_state), fp32
+
+
+@dataclass
+class AttentionState:
+    k: mx.array  # (B, heads, S, head_dim), rotary already applied (MLX's SDPA layout)
+    v: mx.array  # (B, heads, S, head_dim)
+    # Sliding-window layers keep a ring buffer of S = window + 1 slots (position t lives in slot
+    # t % S); global layers keep S = max_seqlen slots.
+    ring: bool
+
+
+LayerState = Union[MambaState, AttentionState]
+
+
+@dataclass
+class IsotropicState:
+    layers: list[LayerState]
+    lengths: mx.array  # (B,) int32: tokens this stack has consumed, per sample (= next position)
+
+
+@dataclass
+class RoutingState:
+    has_seen_tokens: mx.array  # (B,) bool
+    last_hidden_state: mx.array  # (B, D): encoder output of the previous byte (q side of eq. 4)
+
+
+@dataclass
+class DeChunkState:
+    last_value: mx.array  # (B, D) fp32: the EMA output z̄ of the last chunk
+
+
+@dataclass
+class HNetState:
+    encoder: IsotropicState | None = None
+    routing: RoutingState | None = None
+    main: Union["HNetState", IsotropicState, None] = None
+    dechunk: DeChunkState | None = None
+    decoder: IsotropicState | None = None
+
+
+@dataclass
+class InferenceCache:
+    """What `allocate_inference_cache` returns: the level tree plus bookkeeping for the LM."""
+
+    backbone: HNetState
+    max_seqlen: int
+    batch_size: int
+    prefilled: bool = False
+    lengths: mx.array | None = None  # (B,) bytes consumed per sample
+    # Longest sample so far, kept as a Python int so `step` can check max_seqlen without a device sync.
+    max_length: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# -- flattening, for the compiled decode step ------------------------------------------------
+
+
+def state_arrays(state: Any) -> list[mx.array]:
+    """Every array of a state tree, in a fixed order (dataclass fields in declaration order)."""
+    out: list[mx.array] = []
+    _collect(state, out)
+    return out
+
+
+def _collect(node: Any, out: list[mx.array]) -> None:
+    if isinstance(node, mx.array):
+        out.append(node)
+    elif dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _collect(getattr(node, f.name), out)
+    elif isinstance(node, list):
+        for item in node:
+            _collect(item, out)
+
+
+def with_arrays(state: Any, arrays: list[mx.array]) -> Any:
+    """A structural copy of `state` holding `arrays` (in `state_arrays` order) instead of its own."""
+    it = iter(arrays)
+    new = _rebuild(state, it)
+    rest = next(it, None)
+    assert rest is None, "more arrays than the state holds"
+    return new
+
+
+def _rebuild(node: Any, it) -> Any:
+    if isinstance(node, mx.array):
+        return next(it)
+    if dataclasses.is_dataclass(node):
+        new = copy.copy(node)
+        for f in dataclasses.fields(node):
+            setattr(new, f.name, _rebuild(getattr(node, f.name), it))
+        return new
+    if isinstance(node, list):
+        return [_rebuild(item, it) for item in node]
+    return node
