@@ -1,0 +1,30 @@
+"""hnet_metal_kernels: custom Metal kernels for hnet_mlx's recurrent parts.
+
+Kernels (one Metal body per `.metal` file here, built with `mx.fast.metal_kernel`):
+  * ssm_step      Mamba2 decode state update, all heads in one launch
+  * conv_step     causal conv1d decode step fused with its state shift and SiLU
+  * ssd_scan      chunked SSD scan (prefill/training) with its backward (mx.custom_function)
+  * ema_dechunk   dechunk EMA fused with the gather to byte positions, with its backward
+Each function has exactly the signature of its pure-MLX twin in hnet_mlx (kernels.py, ssd.py),
+which is the reference the tests hold it to. `emulated()` runs the same kernels on the CPU
+emulator in `hnet_metal_kernels.emulator` (Linux has no Metal).
+"""
+
+from .ema import ema_dechunk
+from .factory import EmulatorFactory, KernelFactory, MetalFactory, current_factory, emulated, is_available, use_factory
+from .ssd import ssd_scan
+from .step import conv_step, ssm_step
+
+__all__ = [
+    "EmulatorFactory",
+    "KernelFactory",
+    "MetalFactory",
+    "conv_step",
+    "current_factory",
+    "ema_dechunk",
+    "emulated",
+    "is_available",
+    "ssd_scan",
+    "ssm_step",
+    "use_factory",
+]
