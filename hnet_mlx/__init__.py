@@ -1,0 +1,19 @@
+"""hnet_mlx: H-Net in MLX (Apple silicon; also runs on the Linux CPU build of MLX).
+
+Mirrors hnet_torch file by file. Load a converted model with `model, config = hnet_mlx.load(path)`
+(convert official checkpoints first with `hnet convert torch-to-mlx`).
+"""
+
+from hnet_core.config import HNetConfig
+from hnet_core.errors import HNetError
+from hnet_core.sampling import SamplingParams
+
+from .generate import generate, stream_generate
+from .lm import CausalLMOutput, HNetForCausalLM
+from .loading import load, load_pretrained, load_weights, save_pretrained
+from .loss import hnet_loss, next_byte_loss, ratio_loss
+
+__all__ = [
+    "HNetConfig", "HNetError", "HNetForCausalLM", "CausalLMOutput", "SamplingParams", "generate", "stream_generate",
+    "load", "load_pretrained", "load_weights", "save_pretrained", "hnet_loss", "next_byte_loss", "ratio_loss",
+]

@@ -20,7 +20,8 @@ def boundary_order(boundary_mask: mx.array) -> mx.array:
     """(B, L) -> (B, L) indices with each row's boundary positions first, in order."""
     L = boundary_mask.shape[1]
     key = mx.arange(L)[None] + (~boundary_mask).astype(mx.int32) * L
-    return mx.argsort(key, axis=1)
+    # Indices carry no gradient (MLX would otherwise try to differentiate the gathers w.r.t. them).
+    return mx.stop_gradient(mx.argsort(key, axis=1))
 
 
 def boundary_positions(flat_mask: mx.array) -> mx.array:

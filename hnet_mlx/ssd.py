@@ -166,7 +166,8 @@ def ema_dechunk(
     MLX-only helper (torch does this inline in dechunk.py): it is the pure twin of the Metal
     kernel `hnet_metal_kernels.ema_dechunk`, which fuses the scan and the gather."""
     z = ema_chunk_scan(values, p, chunk_size, seq_idx=seq_idx)  # (b, m, d)
-    return mx.take_along_axis(z, chunk_index.astype(mx.int32)[..., None], axis=1)
+    index = mx.stop_gradient(chunk_index.astype(mx.int32))[..., None]  # (b, l, 1); no gradient to indices
+    return mx.take_along_axis(z, index, axis=1)
 
 
 def ssm_step(

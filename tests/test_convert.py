@@ -1,0 +1,270 @@
+"""`hnet convert` (torch-to-mlx / mlx-to-torch) and the MLX loader: bit-identical fp32 round trips,
+dtype casts, quantization recorded in config.json (and its measured tolerance), Hugging Face repo
+ids from a prepared offline cache, sharding, atomic writes, and one-line errors for every mistake."""
+
+import json
+import os
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+from safetensors.torch import load_file
+
+import hnet_mlx
+import hnet_torch
+from hnet_core import HNetError
+from hnet_core.io import INDEX_NAME
+from hnet_core.tokenizer import encode
+from hnet_mlx.convert import convert, mlx_to_torch, torch_to_mlx
+
+from conftest import FIXTURE_DIR, TEXT, config_2stage, random_torch_model
+from mlx_helpers import np_
+
+PT = f"{FIXTURE_DIR}/model.pt"
+CFG = f"{FIXTURE_DIR}/config.json"
+
+
+def invoke(*args):
+    return CliRunner().invoke(convert, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def torch_dir(tmp_path_factory):
+    """One of our torch safetensors directories (hnet_torch.save_pretrained) of a 2-stage model."""
+    path = tmp_path_factory.mktemp("torch") / "two"
+    hnet_torch.save_pretrained(random_torch_model(config_2stage()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlx_fixture_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mlx") / "tiny"
+    torch_to_mlx(PT, str(path), config=CFG)
+    return path
+
+
+# -- round trips --------------------------------------------------------------------------------
+
+
+def test_official_pt_to_mlx_to_torch_round_trip_is_bit_identical(tmp_path, mlx_fixture_dir):
+    result = invoke("mlx-to-torch", mlx_fixture_dir, tmp_path / "back")
+    assert result.exit_code == 0, result.output
+    official = torch.load(PT, weights_only=True)
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(back) == sorted(official)
+    for k, v in official.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert json.load(open(tmp_path / "back" / "config.json")) == json.load(open(CFG))
+    reloaded = hnet_torch.load_pretrained(tmp_path / "back")  # the torch loader takes it as is
+    assert list(reloaded.state_dict()) == list(official)
+
+
+def test_torch_dir_round_trip_is_bit_identical_and_logits_agree(tmp_path, torch_dir):
+    assert invoke("torch-to-mlx", torch_dir, tmp_path / "m").exit_code == 0
+    assert invoke("mlx-to-torch", tmp_path / "m", tmp_path / "t").exit_code == 0
+    a, b = load_file(str(torch_dir / "model.safetensors")), load_file(str(tmp_path / "t" / "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    tm = hnet_torch.load_pretrained(torch_dir)
+    mm, _ = hnet_mlx.load(tmp_path / "m")
+    ids = [encode(TEXT[:80])]
+    with torch.no_grad():
+        lt = tm(torch.tensor(ids)).logits.numpy()
+    assert np.abs(lt - np_(mm(mx.array(ids)).logits)).max() <= 1e-4
+
+
+def test_mlx_loader_also_reads_a_torch_layout_directory(torch_dir):
+    model, config = hnet_mlx.load(torch_dir)  # sanitize fixes the conv1d layout on the way in
+    assert config.num_stages == 2
+    conv = dict(tree_flatten(model.parameters()))["backbone.encoder.layers.0.mixer.conv1d.weight"]
+    assert conv.shape[-1] == 1
+
+
+def test_sharded_output_writes_an_index_and_loads(tmp_path, torch_dir):
+    torch_to_mlx(str(torch_dir), str(tmp_path / "m"), max_shard_bytes=60_000)
+    files = os.listdir(tmp_path / "m")
+    assert INDEX_NAME in files and sum(f.endswith(".safetensors") for f in files) > 1
+    sharded, _ = hnet_mlx.load(tmp_path / "m")
+    torch_to_mlx(str(torch_dir), str(tmp_path / "single"))
+    single, _ = hnet_mlx.load(tmp_path / "single")
+    a, b = dict(tree_flatten(sharded.parameters())), dict(tree_flatten(single.parameters()))
+    assert sorted(a) == sorted(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_save_pretrained_then_load_is_identical(tmp_path, mlx_fixture_dir):
+    model, _ = hnet_mlx.load(mlx_fixture_dir)
+    hnet_mlx.save_pretrained(model, tmp_path / "again")
+    again, _ = hnet_mlx.load(tmp_path / "again")
+    a, b = dict(tree_flatten(model.parameters())), dict(tree_flatten(again.parameters()))
+    assert all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+# -- dtype and quantization ----------------------------------------------------------------------
+
+
+def test_dtype_bfloat16_casts_everything_but_residual_proj(tmp_path, mlx_fixture_dir):
+    result = invoke("torch-to-mlx", PT, tmp_path / "bf16", "--config", CFG, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    model, _ = hnet_mlx.load(tmp_path / "bf16")
+    for name, w in tree_flatten(model.parameters()):
+        assert w.dtype == (mx.float32 if "residual_proj" in name else mx.bfloat16), name
+    ref, _ = hnet_mlx.load(mlx_fixture_dir)
+    ids = mx.array([encode(TEXT[:100])])
+    out = model(ids)
+    assert out.logits.dtype == mx.bfloat16
+    assert np.abs(np_(out.logits) - np_(ref(ids).logits)).mean() <= 0.05
+    assert hnet_mlx.generate(model, "The", max_tokens=8, temperature=0)  # decodes in bf16 too
+
+
+# Measured on the fixture (official init + noise), TEXT, vs fp32 (bench/mlx_quantization.py):
+#   8-bit, group 32: max |dlogit| 2.1e-3, mean KL 1.0e-7, no boundary flips
+#   4-bit, group 32: max |dlogit| 0.70, relative L2 0.15, mean KL 3.5e-4, 1.4% stage-0 boundaries flip
+# The bounds below leave margin for BLAS/platform differences.
+@pytest.mark.parametrize("bits, max_kl, max_abs", [(8, 1e-5, 2e-2), (4, 5e-3, 2.0)])
+def test_quantized_model_loads_without_flags_and_stays_close_to_fp32(tmp_path, mlx_fixture_dir, bits, max_kl, max_abs):
+    dst = tmp_path / f"q{bits}"
+    result = invoke("torch-to-mlx", PT, dst, "--config", CFG, "-q", "--q-bits", bits, "--q-group-size", 32)
+    assert result.exit_code == 0, result.output
+    recorded = json.load(open(dst / "config.json"))["quantization"]
+    assert recorded == {"group_size": 32, "bits": bits, "mode": "affine", "embedding": False, "lm_head": False}
+    model, config = hnet_mlx.load(dst)
+    names = [k for k, _ in tree_flatten(model.parameters())]
+    assert "backbone.encoder.layers.0.mixer.in_proj.scales" in names
+    assert not any(k.endswith(".scales") and ("routing_module" in k or "residual_proj" in k or k.startswith(("embeddings", "lm_head")))
+                   for k in names)
+    ref, _ = hnet_mlx.load(mlx_fixture_dir)
+    ids = mx.array([encode(TEXT)])
+    lq, lr = np_(model(ids).logits), np_(ref(ids).logits)
+    pq, pr = np.exp(lq - lq.max(-1, keepdims=True)), np.exp(lr - lr.max(-1, keepdims=True))
+    pq, pr = pq / pq.sum(-1, keepdims=True), pr / pr.sum(-1, keepdims=True)
+    kl = (pr * (np.log(pr) - np.log(pq))).sum(-1).mean()
+    assert kl <= max_kl and np.abs(lq - lr).max() <= max_abs
+    assert len(hnet_mlx.generate(model, "The old", max_tokens=12, temperature=0).encode()) > 0
+    assert (dst / "model.safetensors").stat().st_size < (mlx_fixture_dir / "model.safetensors").stat().st_size
+
+
+def test_quantize_embedding_and_lm_head_when_asked(tmp_path):
+    dst = tmp_path / "q"
+    result = invoke("torch-to-mlx", PT, dst, "--config", CFG, "-q", "--q-group-size", 32, "--q-embedding", "--q-lm-head")
+    assert result.exit_code == 0, result.output
+    model, _ = hnet_mlx.load(dst)
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    assert {"embeddings.scales", "lm_head.scales"} <= names
+    assert model(mx.array([encode("abc")])).logits.shape == (1, 4, 256)
+
+
+def test_quantized_model_cannot_go_back_to_torch(tmp_path):
+    torch_to_mlx(PT, str(tmp_path / "q"), config=CFG, quantize=True, q_group_size=32)
+    result = invoke("mlx-to-torch", tmp_path / "q", tmp_path / "t")
+    assert result.exit_code == 1 and "quantized" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "t").exists()
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+
+def _fake_hf_cache(root, repo="cartesia-ai/hnet_tiny", with_config=True):
+    """A Hugging Face hub cache holding `repo` at one commit, laid out like huggingface_hub's own."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    snap = folder / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(snap.name)
+    shutil.copy(PT, snap / "hnet_tiny.pt")
+    if with_config:
+        shutil.copy(CFG, snap / "config.json")
+    return root
+
+
+def test_hugging_face_repo_id_is_read_from_the_offline_cache(tmp_path, monkeypatch):
+    cache = _fake_hf_cache(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    result = invoke("torch-to-mlx", "cartesia-ai/hnet_tiny", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    model, _ = hnet_mlx.load(tmp_path / "m")
+    expected = np.load(f"{FIXTURE_DIR}/expected.npz")
+    out = model(mx.array(expected["single_L37.input_ids"]))
+    assert np.abs(np_(out.logits) - expected["single_L37.logits"]).max() <= 1e-4
+
+
+def test_unknown_repo_id_offline_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    result = invoke("torch-to-mlx", "cartesia-ai/not_there", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "cartesia-ai/not_there" in result.output and "cache" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+
+
+# -- overwriting and atomicity ------------------------------------------------------------------
+
+
+def test_existing_destination_needs_force(tmp_path):
+    dst = tmp_path / "m"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    result = invoke("torch-to-mlx", PT, dst, "--config", CFG)
+    assert result.exit_code == 1 and "--force" in result.output
+    assert os.listdir(dst) == ["keep.txt"]
+    assert invoke("torch-to-mlx", PT, dst, "--config", CFG, "--force").exit_code == 0
+    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
+
+
+def test_failed_conversion_leaves_no_output_and_no_temp_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    cfg = json.load(open(CFG))
+    cfg["d_model"] = [64, 128]
+    bad.write_text(json.dumps(cfg))
+    result = invoke("torch-to-mlx", PT, tmp_path / "out" / "m", "--config", bad)
+    assert result.exit_code == 1 and "shape" in result.output and "\n" not in result.output.strip()
+    assert not (tmp_path / "out" / "m").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+# -- user mistakes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["torch-to-mlx", "nowhere/../missing.pt", "OUT"], "not found"),
+    (["torch-to-mlx", PT, "OUT"], "--config"),  # not an official checkpoint: needs its config
+    (["torch-to-mlx", PT, "OUT", "--config", CFG, "--q-bits", "8"], "-q/--quantize"),
+    (["mlx-to-torch", FIXTURE_DIR, "OUT"], "not a model directory"),
+    (["mlx-to-torch", PT, "OUT"], "convert it first"),
+])
+def test_cli_mistakes_are_one_line_errors(tmp_path, args, message):
+    args = [str(tmp_path / a) if a == "OUT" else a for a in args]
+    result = invoke(*args)
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_loader_errors_are_one_line(tmp_path, mlx_fixture_dir):
+    with pytest.raises(HNetError, match="model not found"):
+        hnet_mlx.load(tmp_path / "nope")
+    with pytest.raises(HNetError, match="convert it first with `hnet convert torch-to-mlx"):
+        hnet_mlx.load(PT)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HNetError, match="not a model directory"):
+        hnet_mlx.load(tmp_path / "empty")
+    broken = tmp_path / "truncated"
+    shutil.copytree(mlx_fixture_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(HNetError, match="truncated"):
+        hnet_mlx.load(broken)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(mlx_fixture_dir, wrong)
+    cfg = json.load(open(wrong / "config.json"))
+    cfg["d_intermediate"] = [0, 320]
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HNetError, match="shape"):
+        hnet_mlx.load(wrong)
+    sharded = tmp_path / "lost_shard"
+    torch_to_mlx(PT, str(sharded), config=CFG, max_shard_bytes=400_000)
+    os.remove(sharded / sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))[0])
+    with pytest.raises(HNetError, match="weights file not found"):
+        hnet_mlx.load(sharded)
