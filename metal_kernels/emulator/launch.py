@@ -28,6 +28,11 @@ from . import build
 from .signature import Signature, build_signature
 
 GUARD_BYTES = 4096
+# Guard zones around inputs hold the poison (0xFF), so out-of-bounds reads yield NaN. Guard zones
+# around outputs hold another NaN pattern (FF FF BF FF: NaN as fp32, fp16 and bf16 at any
+# alignment), so that even a write of poison read from elsewhere changes them.
+INPUT_GUARD = b"\xff\xff\xff\xff"
+OUTPUT_GUARD = b"\xff\xff\xbf\xff"
 ORDER_NAMES = ("ascending", "descending", "shuffled")
 
 _NP_TYPES = {
@@ -87,11 +92,14 @@ def from_numpy(x: np.ndarray, dtype: mx.Dtype) -> mx.array:
 
 
 class _Guarded:
-    """A host buffer with GUARD_BYTES of poison on each side."""
+    """A host buffer with GUARD_BYTES of a NaN pattern on each side; the data starts as poison."""
 
-    def __init__(self, nbytes: int, fill: bytes | None = None):
+    def __init__(self, nbytes: int, fill: bytes | None = None, guard: bytes = INPUT_GUARD):
         self.nbytes = nbytes
+        self.guard = np.frombuffer(guard * (GUARD_BYTES // len(guard)), dtype=np.uint8)
         self.raw = np.full(GUARD_BYTES * 2 + max(nbytes, 1), 0xFF, dtype=np.uint8)
+        self.raw[:GUARD_BYTES] = self.guard
+        self.raw[GUARD_BYTES + nbytes :][:GUARD_BYTES] = self.guard
         if fill is not None:
             self.raw[GUARD_BYTES : GUARD_BYTES + nbytes] = np.frombuffer(fill, dtype=np.uint8)
 
@@ -103,8 +111,8 @@ class _Guarded:
         return self.raw[GUARD_BYTES : GUARD_BYTES + self.nbytes]
 
     def guard_damage(self) -> tuple[int, int]:
-        before = int(np.count_nonzero(self.raw[:GUARD_BYTES] != 0xFF))
-        after = int(np.count_nonzero(self.raw[GUARD_BYTES + self.nbytes :][:GUARD_BYTES] != 0xFF))
+        before = int(np.count_nonzero(self.raw[:GUARD_BYTES] != self.guard))
+        after = int(np.count_nonzero(self.raw[GUARD_BYTES + self.nbytes :][:GUARD_BYTES] != self.guard))
         return before, after
 
 
@@ -232,7 +240,7 @@ class EmulatedKernel:
             outs = []
             for shape, npt, fill in zip(out_shapes, out_np_types, init_bytes):
                 count = int(np.prod(shape)) if shape else 1
-                outs.append(_Guarded(count * np.dtype(npt).itemsize, fill))
+                outs.append(_Guarded(count * np.dtype(npt).itemsize, fill, OUTPUT_GUARD))
             ptrs = table[:n_out_first] + [o.pointer for o in outs]
             c_table = (ctypes.c_void_p * len(ptrs))(*ptrs)
             cfg = _Config((ctypes.c_uint32 * 3)(*grid), (ctypes.c_uint32 * 3)(*threadgroup), order, self.seed + 7919 * order, 20)

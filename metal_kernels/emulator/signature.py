@@ -211,3 +211,38 @@ def build_signature(
         tdef = kname + template_definition(template)
         text += f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({tdef}) {tdef};\n'
     return Signature(kname, specs, tuple(output_names), tuple(output_dtypes), template, attrs, text)
+
+
+def mlx_generated_source(name: str, input_names, output_names, source: str, inputs, output_shapes, output_dtypes,
+                         template=None, header: str = "") -> str:
+    """The source MLX itself generates for this call, captured on a machine without Metal.
+
+    Inside `mx.export_function` tracing MLX records a metal kernel without running it, and with
+    `verbose=True` prints the generated source to the process's stdout (C++ side), which is
+    captured here through the file descriptor. Used to check `build_signature` against MLX."""
+    import os
+    import sys
+    import tempfile
+
+    kernel = mx.fast.metal_kernel(name=name, input_names=list(input_names), output_names=list(output_names),
+                                  source=source, header=header)
+
+    def traced(*args):
+        kwargs = {"template": template} if template else {}
+        return kernel(inputs=list(args), grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=list(output_shapes),
+                      output_dtypes=list(output_dtypes), verbose=True, **kwargs)
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as captured, tempfile.TemporaryDirectory() as tmp:
+        os.dup2(captured.fileno(), 1)
+        try:
+            mx.export_function(os.path.join(tmp, "kernel.mlxfn"), traced, *inputs)
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        captured.seek(0)
+        text = captured.read().decode()
+    start = text.index("```\n") + 4
+    return text[start : text.rindex("\n```")]
