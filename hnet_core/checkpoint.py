@@ -1,0 +1,96 @@
+"""Training-checkpoint layout and rotation (framework-free; the trainers fill in the files).
+
+    OUT/
+      train_config.json        settings of the run (read back on --resume)
+      metrics.jsonl            one line per log step / eval
+      checkpoints/step_00001000/
+        config.json            \\ a plain model directory: `hnet generate --model` and
+        model.safetensors      /  hnet_torch.load_pretrained / hnet_mlx.load read it directly
+        optimizer.safetensors  AdamW moments, named by parameter
+        trainer_state.json     step, data position, RNG states, backend, world size
+      model/                   the final weights (a model directory), written when training ends
+
+A checkpoint directory is written under a temporary name and renamed into place, so a run cut
+off mid-write leaves the previous checkpoints untouched; `trainer_state.json` is written last,
+and only directories holding it count as checkpoints. After each save the oldest are deleted so
+that `keep_last` remain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable
+
+from . import io
+from .errors import HNetError
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.jsonl"
+FINAL_MODEL = "model"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(out: str, step: int) -> str:
+    return os.path.join(out, CHECKPOINTS, f"step_{step:08d}")
+
+
+def list_checkpoints(out: str) -> list[tuple[int, str]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = os.path.join(out, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.exists(os.path.join(path, STATE_NAME)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def resolve_resume(out: str, resume: str) -> str:
+    """`--resume` (latest in OUT) or `--resume PATH` (a checkpoint directory) -> checkpoint directory."""
+    if resume in ("", "latest"):
+        path = latest_checkpoint(out)
+        if path is None:
+            raise HNetError(f"--resume: no checkpoint found in {os.path.join(out, CHECKPOINTS)}; start without --resume")
+        return path
+    if not os.path.exists(os.path.join(resume, STATE_NAME)):
+        raise HNetError(f"--resume {resume} is not a training checkpoint (no {STATE_NAME}); "
+                        f"pass a directory like {step_dir(out, 1000)} or plain --resume for the latest")
+    return resume
+
+
+def write_checkpoint(out: str, step: int, fill: Callable[[str], dict], keep_last: int) -> str:
+    """Create checkpoint `step` atomically: fill(tmp_dir) writes the files and returns trainer state."""
+    path = step_dir(out, step)
+    with io.atomic_directory(path, force=True) as tmp:
+        state = fill(tmp)
+        io.atomic_write_text(os.path.join(tmp, STATE_NAME), json.dumps(state, indent=1) + "\n")
+    rotate(out, keep_last)
+    return path
+
+
+def rotate(out: str, keep_last: int) -> None:
+    for _, path in list_checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_state(path: str) -> dict:
+    state_path = os.path.join(path, STATE_NAME)
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise HNetError(f"cannot read checkpoint state {state_path}: {e}") from None

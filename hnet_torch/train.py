@@ -1,0 +1,313 @@
+"""`hnet train`: pretraining and full fine-tuning in PyTorch, on one device or many processes.
+
+    hnet train --config hnet_core/configs/hnet_1stage_L.json --data corpus.txt --out runs/a --steps 2000
+    hnet train --model runs/a/model --data other.jsonl --out runs/b --lr 1e-4     # fine-tune
+    torchrun --nproc-per-node 2 -m hnet_torch.train --config ... --data ... --out ...   # DDP
+    hnet train ... --resume                                                          # continue runs/a
+
+CUDA when available (fused kernels through `use_kernels="auto"`, bf16 autocast with --dtype
+bfloat16), CPU otherwise. Under torchrun every process trains on its share of each global batch
+(DDP, gloo on CPU, NCCL on GPUs; `--fsdp` shards parameters, gradients and optimizer state with
+FSDP2 for models that do not fit one GPU). Training runs the model's packed mode, as the official
+code does. The loop itself (schedule, logs, checkpoints, resume, Ctrl-C, NaN) is
+hnet_core/train_loop.py; this file is the PyTorch half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hnet_core import checkpoint as ckpt
+from hnet_core import train_loop
+from hnet_core.config import HNetConfig
+from hnet_core.data import Batch
+from hnet_core.errors import HNetError
+from hnet_core.train_cli import config_from_options, train_options
+from hnet_core.train_config import TrainConfig
+
+from .block import Block
+from .lm import HNetForCausalLM
+from .loading import load_weights, save_pretrained
+from .objective import local_sums, objective
+from .optim import build_optimizer, load_optimizer, save_optimizer, set_lr
+
+DEFAULTS = {"steps": 1000, "batch_size": 8, "seq_len": 512, "lr": 1e-3, "warmup": 100}
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world, device); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HNetError("--device cuda given but no CUDA GPU is visible; use --device cpu")
+        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {"numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+           "python": [py_state[0], list(py_state[1]), py_state[2]],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if "python" in state:
+        p = state["python"]
+        random.setstate((p[0], tuple(p[1]), p[2]))
+    if "torch" in state:
+        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# -- the PyTorch half of the loop ----------------------------------------------------------
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: HNetForCausalLM, config: TrainConfig, device: torch.device, rank: int = 0,
+                 world: int = 1, fsdp: bool = False, kernels: str = "auto"):
+        self.config, self.device, self.rank, self.world, self.fsdp = config, device, rank, world, fsdp
+        self.model = model.to(device).train()
+        self.model.set_kernels(kernels)
+        self.num_stages = model.config.num_stages
+        self.ratios = config.ratios_for(self.num_stages)
+        config.multipliers_for(model.config.num_levels)  # validate early
+        self.module = self.model
+        if world > 1 and fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for m in self.model.modules():
+                if isinstance(m, Block):
+                    fully_shard(m)
+            fully_shard(self.model)
+        elif world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = build_optimizer(self.model, config, fused=device.type == "cuda" and not fsdp)
+        self.autocast = config.dtype == "bfloat16"
+        self.collective_forward = world > 1 and fsdp  # every FSDP forward needs all processes
+
+    # helpers -------------------------------------------------------------------------------
+
+    def _tensors(self, batch: Batch):
+        ids = torch.from_numpy(np.ascontiguousarray(batch.input_ids)).to(self.device, torch.long)
+        mask = torch.from_numpy(batch.mask).to(self.device) if batch.mask is not None else None
+        cu = torch.from_numpy(batch.cu_seqlens).to(self.device, torch.long) if batch.cu_seqlens is not None else None
+        return ids, mask, cu
+
+    def _autocast(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _sync(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.module.no_sync()
+
+    def _all_sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    # TrainerBackend --------------------------------------------------------------------------
+
+    def train_step(self, batches: list[Batch], lr: float) -> train_loop.StepStats:
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        k = len(batches)
+        sums = {"loss": 0.0, "ce": 0.0, "ratio_losses": np.zeros(self.num_stages), "boundary_rates": np.zeros(self.num_stages)}
+        all_sum = self._all_sum_tensor if self.world > 1 else None
+        for i, batch in enumerate(batches):
+            ids, mask, cu = self._tensors(batch)
+            with self._sync(i == k - 1):
+                with self._autocast():
+                    out = self.module(ids, mask=mask, cu_seqlens=cu)
+                loss, m = objective(out, ids, self.ratios, self.config.alpha, mask=mask, cu_seqlens=cu,
+                                    all_sum=all_sum, world=self.world)
+                (loss / k).backward()
+            sums["loss"] += m["loss"] / k
+            sums["ce"] += m["ce"] / k
+            sums["ratio_losses"] += np.asarray(m["ratio_losses"]) / k
+            sums["boundary_rates"] += np.asarray(m["boundary_rates"]) / k
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        grad_norm = float(norm)
+        applied = math.isfinite(grad_norm) and math.isfinite(sums["loss"])
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        num_bytes = sum(b.num_bytes for b in batches) * self.world
+        return train_loop.StepStats(sums["loss"], sums["ce"], sums["ratio_losses"].tolist(),
+                                    sums["boundary_rates"].tolist(), grad_norm, num_bytes, applied)
+
+    @torch.no_grad()
+    def eval_sums(self, batch: Batch) -> np.ndarray:
+        self.model.eval()
+        ids, mask, cu = self._tensors(batch)
+        with self._autocast():
+            out = self.model(ids, mask=mask, cu_seqlens=cu)
+        s = local_sums(out.logits, ids, out.routing, mask=mask, cu_seqlens=cu).counts.cpu().numpy()
+        self.model.train()
+        return train_loop.eval_vector(s, self.num_stages)
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world == 1:
+            return values
+        t = torch.from_numpy(np.asarray(values, dtype=np.float64)).to(self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy()
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _write_model(self, state: dict[str, torch.Tensor], directory: str) -> None:
+        if not self.fsdp:
+            save_pretrained(self.model, directory, force=True)
+            return
+        with torch.device("meta"):
+            copy = HNetForCausalLM(self.model.config)
+        copy = copy.to_empty(device="cpu")
+        copy.load_state_dict(state)
+        save_pretrained(copy, directory, force=True)
+
+    def save(self, directory: str | None) -> dict:
+        state = self._full_state() if self.fsdp else None
+        if directory is not None:  # the model first: save_pretrained replaces the directory it writes
+            self._write_model(state, directory)
+        save_optimizer(self.model, self.optimizer, None if directory is None else os.path.join(directory, ckpt.OPTIMIZER_NAME))
+        return {"rng": _rng_state(), "framework": f"torch {torch.__version__}"}
+
+    def load(self, directory: str, state: dict) -> None:
+        if state.get("backend", "torch") != "torch":
+            raise HNetError(f"{directory} was written by the {state.get('backend')} trainer; resume it with that trainer")
+        weights, _ = load_weights(directory)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True))
+        load_optimizer(self.model, self.optimizer, os.path.join(directory, ckpt.OPTIMIZER_NAME))
+        _set_rng_state(state.get("rng", {}))
+
+    def save_model(self, directory: str | None) -> None:
+        state = self._full_state() if self.fsdp else None
+        if directory is not None:
+            self._write_model(state, directory)
+
+
+# -- building the model --------------------------------------------------------------------
+
+
+def build_model(config_path: str | None, model_path: str | None, resume_dir: str | None, seed: int) -> HNetForCausalLM:
+    """A fresh model (official init, seeded), pretrained weights for fine-tuning, or the shape to resume into."""
+    if resume_dir is not None:
+        cfg = HNetConfig.from_json(os.path.join(resume_dir, "config.json"))
+        return HNetForCausalLM(cfg)  # weights come from the checkpoint
+    if model_path is not None:
+        if config_path is not None:
+            raise HNetError("give --config (train from scratch) or --model (fine-tune), not both")
+        weights, cfg = load_weights(model_path)
+        model = HNetForCausalLM(cfg)
+        model.load_state_dict(weights)
+        return model
+    if config_path is None:
+        raise HNetError("give --config CONFIG.json to train from scratch or --model DIR to fine-tune")
+    cfg = HNetConfig.from_json(config_path)
+    torch.manual_seed(seed)
+    model = HNetForCausalLM(cfg)
+    model.init_weights()
+    return model
+
+
+def train(config_path: str | None, model_path: str | None, data: str, out: str, train_config: TrainConfig,
+          resume: str | None = None, explicit: dict | None = None, device: str | None = None, fsdp: bool = False,
+          kernels: str = "auto", show_progress: bool = True, stop_at: int | None = None,
+          time_limit: float | None = None) -> str:
+    """Run (or resume) a training run; returns the final model directory (or the checkpoint on Ctrl-C)."""
+    rank, world, dev = init_distributed(device)
+    try:
+        plan = train_loop.plan_run(out, train_config, resume, explicit or {})
+        sampler, val = train_loop.load_data(data, plan.config)
+        model = build_model(config_path, model_path, plan.resume_from, plan.config.seed)
+        backend = TorchBackend(model, plan.config, dev, rank, world, fsdp=fsdp, kernels=kernels)
+        return train_loop.run(backend, plan, sampler, val, show_progress=show_progress, stop_at=stop_at,
+                              time_limit=time_limit)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@click.command("train")
+@click.option("--config", "config_path", default=None, help="Model config JSON (official format) to train from scratch.")
+@click.option("--model", "model_path", default=None, help="Model directory or .pt to fine-tune (all weights).")
+@train_options
+@click.option("--device", default=None, help="cpu, cuda or mps (default: cuda when available).")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters/gradients/optimizer state (FSDP2).")
+@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Fused CUDA kernels (mamba_ssm, causal_conv1d, flash_attn).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+@click.pass_context
+def train_command(ctx, config_path, model_path, data, out, resume, stop_at, time_limit, device, fsdp, kernels, threads,
+                  **options):
+    """Train an H-Net from scratch (--config) or fine-tune one (--model) in PyTorch."""
+    cfg, explicit = config_from_options(ctx, options, DEFAULTS)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    train(config_path, model_path, data, out, cfg, resume=resume, explicit=explicit, device=device, fsdp=fsdp,
+          kernels=kernels, stop_at=stop_at, time_limit=time_limit)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `torchrun -m hnet_torch.train ...` (user mistakes print one line)."""
+    try:
+        train_command.main(args=argv, prog_name="hnet train", standalone_mode=False)
+    except HNetError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
