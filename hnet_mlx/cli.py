@@ -1,15 +1,19 @@
 """The `hnet-mlx` command (MLX-specific: hnet_torch has no twin; its commands live in `hnet`).
 
     hnet-mlx generate --model DIR --prompt "Hello"
-    hnet-mlx chunks --model DIR --text "..."
+    hnet-mlx chunks --model DIR --text "..." [--html page.html]
     hnet-mlx train / finetune / fuse / eval
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
-from hnet_core.cli import HNetGroup
+from hnet_core.cli import HNetGroup, read_prompts, run_generation, sampling_options
+from hnet_core.errors import HNetError
 
 LAZY_COMMANDS = {
     "train": ("hnet_mlx.train", "train_command", "mlx"),
@@ -18,6 +22,42 @@ LAZY_COMMANDS = {
     "eval": ("hnet_mlx.evaluate", "eval_command", "mlx"),
 }
 
+# A model directory shipped inside the package, if any (none is bundled today).
+BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "default_model")
+
+NO_MODEL = (
+    "no --model given and this package bundles no default model; download an official checkpoint "
+    "(e.g. hnet_2stage_XL.pt from huggingface.co/cartesia-ai/hnet_2stage_XL), convert it once with "
+    "`hnet convert torch-to-mlx hnet_2stage_XL.pt hnet_2stage_XL-mlx`, then pass --model hnet_2stage_XL-mlx"
+)
+
+
+def resolve_model(path: str | None) -> str:
+    if path:
+        return path
+    if os.path.isdir(BUNDLED_MODEL):
+        return BUNDLED_MODEL
+    raise HNetError(NO_MODEL)
+
+
+def load_mlx(path: str, dtype: str | None = None):
+    from hnet_core.backends import load_model
+
+    return load_model("mlx", resolve_model(path), dtype=dtype)
+
+
+def stage_masks(model, data: bytes):
+    """Per-stage boundary masks (numpy) of BOS + data, with the BOS position dropped at byte level."""
+    import mlx.core as mx
+    import numpy as np
+
+    from hnet_core.chunks import byte_boundaries
+    from hnet_core.tokenizer import encode
+
+    out = model(mx.array([encode(data)]))
+    masks = [np.array(r.boundary_mask[0]) for r in out.routing]
+    return [b[1:] for b in byte_boundaries(masks)]
+
 
 @click.group(cls=HNetGroup, lazy=LAZY_COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hnet-mlx")
@@ -25,5 +65,91 @@ def main() -> None:
     """H-Net on Apple silicon with MLX: generate, inspect chunks, train and fine-tune."""
 
 
+@main.command()
+@click.option("--model", "model_path", default=None, help="Converted model directory (hnet convert torch-to-mlx).")
+@click.option("--prompt", "-p", "prompts", multiple=True,
+              help="Prompt text, or - for stdin. Repeat it to generate several prompts together.")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False), default=None,
+              help="A file with one prompt per line, all generated together (ragged lengths are fine).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored).")
+@click.option("--show-chunks", is_flag=True,
+              help="After generating, print prompt + output coloured by the first stage's chunks.")
+@sampling_options
+def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
+    """Generate text from a prompt, streaming UTF-8 as it is produced."""
+    prompts = read_prompts(prompts)
+    if batch_file:
+        if not os.path.exists(batch_file):
+            raise HNetError(f"--batch file not found: {batch_file}")
+        with open(batch_file, encoding="utf-8", errors="strict") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise HNetError("give a prompt with --prompt TEXT (or --prompt - for stdin, or --batch FILE)")
+    loaded = load_mlx(model_path, dtype)
+    if not show_chunks:
+        run_generation(loaded, prompts, **kw)
+        return
+    from rich.console import Console
+
+    from hnet_core.chunks import render_terminal, segment
+
+    texts = run_generation(loaded, prompts, out=open(os.devnull, "w"), **kw)
+    console = Console(highlight=False)
+    for prompt, text in zip(prompts, texts):
+        data = (prompt + text).encode("utf-8")
+        seg = segment(data, stage_masks(loaded.model, data))
+        console.print(render_terminal(seg, 0))
+
+
+@main.command()
+@click.option("--model", "model_path", default=None, help="Converted model directory.")
+@click.option("--text", default=None, help="Text to segment.")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False), default=None, help="Read the text from a file.")
+@click.option("--max-bytes", default=8192, show_default=True, type=int, help="Use at most this many bytes of --file.")
+@click.option("--html", "html_path", default=None, help="Also write a standalone HTML page here.")
+def chunks(model_path, text, file_path, max_bytes, html_path):
+    """Show how each stage segments a text, with per-stage compression ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hnet_core.chunks import render_html, render_terminal, segment
+    from hnet_core.io import atomic_write_text
+
+    if (text is None) == (file_path is None):
+        raise HNetError("give exactly one of --text TEXT or --file PATH")
+    if file_path is not None:
+        if not os.path.exists(file_path):
+            raise HNetError(f"file not found: {file_path}")
+        with open(file_path, "rb") as f:
+            data = f.read(max_bytes)
+    else:
+        data = text.encode("utf-8")
+    if not data:
+        raise HNetError("the text is empty; give at least one byte")
+    loaded = load_mlx(model_path)
+    boundaries = stage_masks(loaded.model, data)
+    seg = segment(data, boundaries)
+    ratios = seg.compression_ratios(boundaries)
+    counts = [int(b.sum()) for b in boundaries]
+    console = Console(highlight=False)
+    for stage in range(len(boundaries)):
+        console.rule(f"stage {stage}: {counts[stage]} chunks, {ratios[stage]:.2f} bytes per chunk")
+        console.print(render_terminal(seg, stage))
+    table = Table(title="compression")
+    table.add_column("stage")
+    table.add_column("chunks", justify="right")
+    table.add_column("bytes per chunk", justify="right")
+    table.add_column("tokens per chunk (vs previous stage)", justify="right")
+    previous = seg.byte_count
+    for stage, n in enumerate(counts):
+        table.add_row(str(stage), str(n), f"{ratios[stage]:.2f}", f"{previous / max(n, 1):.2f}")
+        previous = n
+    console.print(table)
+    if html_path:
+        atomic_write_text(html_path, render_html(seg, ratios, title=f"H-Net chunks ({os.path.basename(model_path or 'model')})"))
+        click.echo(f"wrote {html_path}", err=True)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
