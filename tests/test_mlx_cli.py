@@ -97,6 +97,7 @@ def test_segmentation_never_splits_a_character():
     # a boundary on any byte of a character starts the chunk at that character
     assert seg.chunks(0) == ["a", "é", "€", "b"]
     bounds[[2, 4]] = False
-    assert segment(data, [bounds]).chunks(0) == ["aé€", "b"]
-    page = render_html(seg, seg.compression_ratios([bounds]))
+    merged = segment(data, [bounds])
+    assert merged.chunks(0) == ["aé€", "b"]
+    page = render_html(merged, merged.compression_ratios([bounds]))
     assert page.count("<span") == 2
