@@ -71,9 +71,16 @@ def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig
     path = os.fspath(path)
     if not os.path.exists(path):
         raise HNetError(f"model not found: {path} (give a model directory or a .pt checkpoint)")
+    if os.path.isdir(path) and not io.is_model_dir(path):
+        # A directory holding one official checkpoint (model.pt) and, optionally, its config.json.
+        pts = sorted(f for f in os.listdir(path) if f.endswith((".pt", ".pth", ".bin")))
+        if len(pts) != 1:
+            raise HNetError(f"{path} is not a model directory (expected {io.CONFIG_NAME} and {io.WEIGHTS_NAME}, "
+                            "or a single .pt checkpoint)")
+        if config is None and os.path.exists(os.path.join(path, io.CONFIG_NAME)):
+            config = os.path.join(path, io.CONFIG_NAME)
+        path = os.path.join(path, pts[0])
     if os.path.isdir(path):
-        if not io.is_model_dir(path):
-            raise HNetError(f"{path} is not a model directory (expected {io.CONFIG_NAME} and {io.WEIGHTS_NAME})")
         weights = read_safetensors_dir(path)
         cfg = config if isinstance(config, HNetConfig) else HNetConfig.from_json(config or os.path.join(path, io.CONFIG_NAME))
     else:

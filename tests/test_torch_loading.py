@@ -109,6 +109,12 @@ def test_truncated_safetensors_dir_is_reported(tmp_path):
         load_pretrained(tmp_path / "m")
 
 
+def test_a_directory_with_an_official_pt_and_config_loads():
+    model = load_pretrained(FIXTURE_DIR)  # model.pt + config.json, as the official release lays them out
+    official = torch.load(PT, weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in official.items())
+
+
 def test_init_follows_the_official_scheme():
     from hnet_core import official_config
     from hnet_torch import HNetForCausalLM
