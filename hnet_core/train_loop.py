@@ -135,6 +135,20 @@ def next_micro_batches(sampler: BatchSampler, config: TrainConfig, rank: int, wo
     return out
 
 
+def totals_metrics(totals: np.ndarray, target_ratios: list[float], alpha: float) -> dict:
+    """Global loss values from the objective's summed count vector
+    [ce_sum, targets, then per stage: boundaries, p_sum, positions] (both frameworks' objective.py)."""
+    totals = np.asarray(totals, dtype=np.float64)
+    ce = float(totals[0] / max(totals[1], 1.0))
+    ratio_values, rates = [], []
+    for s, n in enumerate(target_ratios):
+        b, p, count = totals[2 + 3 * s], totals[3 + 3 * s], max(totals[4 + 3 * s], 1.0)
+        f, g = b / count, p / count
+        ratio_values.append(float(n / (n - 1) * ((n - 1) * f * g + (1 - f) * (1 - g))))
+        rates.append(float(f))
+    return {"ce": ce, "ratio_losses": ratio_values, "boundary_rates": rates, "loss": ce + alpha * sum(ratio_values)}
+
+
 def eval_vector(counts: np.ndarray, num_stages: int) -> np.ndarray:
     """[CE nats, targets, positions entering stage 0..S-1, tokens of the innermost level] from the
     objective's count vector [ce_sum, targets, then per stage: boundaries, p_sum, positions]."""

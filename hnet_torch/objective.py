@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from hnet_core.train_loop import totals_metrics
+
 from .routing import RoutingOutput
 
 
@@ -81,18 +83,11 @@ def split_loss(sums: LocalSums, totals: torch.Tensor, target_ratios: list[float]
     """The per-process loss to backpropagate (see module docstring) and the global metric values."""
     targets = totals[1].clamp(min=1)
     loss = sums.ce_sum / targets.float()
-    ratio_values, rates = [], []
     for s, n in enumerate(target_ratios):
-        b, p, count = totals[2 + 3 * s], totals[3 + 3 * s], totals[4 + 3 * s].clamp(min=1)
-        f = b / count
-        c, k = ratio_coefficients(f, float(n))
+        b, count = totals[2 + 3 * s], totals[4 + 3 * s].clamp(min=1)
+        c, k = ratio_coefficients(b / count, float(n))
         loss = loss + alpha * (c.float() * sums.p_sums[s] / count.float() + k.float() / world)
-        ratio_values.append(float(c * (p / count) + k))
-        rates.append(float(f))
-    ce = float(totals[0] / targets)
-    metrics = {"ce": ce, "ratio_losses": ratio_values, "boundary_rates": rates,
-               "loss": ce + alpha * sum(ratio_values)}
-    return loss * world, metrics
+    return loss * world, totals_metrics(totals.detach().cpu().numpy(), target_ratios, alpha)
 
 
 def objective(out, input_ids, target_ratios: list[float], alpha: float, mask=None, cu_seqlens=None,
