@@ -48,6 +48,10 @@ class _Cached:
     def _make(self, *args) -> Callable:
         raise NotImplementedError
 
+    def kernel_names(self) -> set[str]:
+        """Names of the kernels this factory has built (each wrapper builds right before launching)."""
+        return {key[0] for key in self._kernels}
+
 
 class MetalFactory(_Cached):
     """The real thing: `mx.fast.metal_kernel` on Apple silicon."""
