@@ -122,19 +122,33 @@ class HNet(nn.Module):
     def step(self, h: mx.array, state: HNetState, active: mx.array | None = None
              ) -> tuple[mx.array, list[RoutingOutput]]:
         """One byte per sample, h (B, 1, D_parent). Samples with active=False keep their state."""
-        d_parent = h.shape[-1]
-        h = self._pad(h)
         if self.is_innermost:
-            return self.main_network.step(h, state.main, active)[..., :d_parent], []
-
-        h = self.encoder.step(h, state.encoder, active)
-        residual = self.residual_proj(h.astype(self.residual_proj.weight.dtype))
-        routing = self.routing_module.step(h, state.routing, active)  # (B,)
-        inner_active = routing.boundary_mask
+            return self.step_main(h, state, active), []
+        h_enc, residual, routing = self.step_in(h, state, active)
         # Every sample goes through the inner network; only boundary samples keep the result
         # (torch skips the call when no sample is on a boundary; here that would need a sync).
-        inner, inner_routing = self.main_network.step(h, state.main, inner_active)
-        h = self.dechunk_layer.step(inner, inner_active, routing.boundary_prob, state.dechunk, active)
+        inner, inner_routing = self.main_network.step(h_enc, state.main, routing.boundary_mask)
+        return self.step_out(inner, residual, routing, state, active, h.shape[-1]), [routing, *inner_routing]
+
+    # The three pieces of `step`, also compiled one by one by HNetForCausalLM's "split" step mode,
+    # which decides between them in Python whether any sample reached the inner level.
+
+    def step_main(self, h: mx.array, state: HNetState, active: mx.array | None = None) -> mx.array:
+        """Innermost level: the main network's step, (B, 1, D_parent) -> (B, 1, D_parent)."""
+        d_parent = h.shape[-1]
+        return self.main_network.step(self._pad(h), state.main, active)[..., :d_parent]
+
+    def step_in(self, h: mx.array, state: HNetState, active: mx.array | None = None):
+        """Outer level, up to routing: (encoder output (B, 1, D), fp32 residual, routing outputs (B,))."""
+        h = self.encoder.step(self._pad(h), state.encoder, active)
+        residual = self.residual_proj(h.astype(self.residual_proj.weight.dtype))
+        routing = self.routing_module.step(h, state.routing, active)  # (B,)
+        return h, residual, routing
+
+    def step_out(self, inner: mx.array, residual: mx.array, routing: RoutingOutput, state: HNetState,
+                 active: mx.array | None, d_parent: int) -> mx.array:
+        """Outer level, after the inner network: dechunk (eq. 5-6), STE residual (eq. 7-9), decoder."""
+        h = self.dechunk_layer.step(inner, routing.boundary_mask, routing.boundary_prob, state.dechunk, active)
         h = (h.astype(residual.dtype) * STE.apply(routing.selected_probs)[:, None, None] + residual).astype(h.dtype)
         h = self.decoder.step(h, state.decoder, active)
-        return h[..., :d_parent], [routing, *inner_routing]
+        return h[..., :d_parent]

@@ -26,10 +26,11 @@ from mlx.utils import tree_flatten
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 
-from .cache import InferenceCache, state_arrays, with_arrays
+from .cache import HNetState, InferenceCache, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
 
+STEP_MODES = ("auto", "fused", "split")
 INT_DTYPES = (mx.int64, mx.int32, mx.int16, mx.int8, mx.uint8, mx.uint16, mx.uint32, mx.uint64)
 
 
@@ -49,9 +50,14 @@ class HNetForCausalLM(nn.Module):
         self.backbone = HNet(config, 0)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(d0, config.vocab_size, bias=False)
-        # Compile the decode step (set False to measure the uncompiled path).
+        # Decode step: "fused" = one compiled function per byte (inner levels always computed, kept
+        # only on boundaries); "split" = one compiled piece per level half, and the inner level runs
+        # only when some sample is on a boundary (one sync per stage reached); "auto" picks (see
+        # `resolve_step_mode`). compile_step=False runs the same code uncompiled (for measuring).
+        self.step_mode = "auto"
         self.compile_step = True
-        object.__setattr__(self, "_step_fns", {})  # (batch, max_seqlen) -> compiled step; not a parameter
+        object.__setattr__(self, "_step_fns", {})  # key -> compiled step function; not a parameter
+        object.__setattr__(self, "_inner_share", None)
 
     # -- construction helpers ----------------------------------------------------------------
 
@@ -189,16 +195,38 @@ class HNetForCausalLM(nn.Module):
             raise HNetError(f"step takes input_ids of shape ({cache.batch_size}, 1), got {tuple(input_ids.shape)}")
         if cache.max_length >= cache.max_seqlen:
             raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache")
-        fn = self._step_function(cache)
-        logits, flat_routing, arrays = fn(input_ids, [cache.lengths, *state_arrays(cache.backbone)])
-        cache.lengths = arrays[0]
-        cache.backbone = with_arrays(cache.backbone, arrays[1:])
+        if self.resolve_step_mode(cache) == "fused":
+            fn = self._step_function(cache)
+            logits, flat_routing, arrays = fn(input_ids, [cache.lengths, *state_arrays(cache.backbone)])
+            cache.lengths = arrays[0]
+            cache.backbone = with_arrays(cache.backbone, arrays[1:])
+        else:
+            logits, flat_routing = self._split_step(input_ids, cache)
+            cache.lengths = cache.lengths + 1
         cache.max_length += 1
         routing = []
         for s in range(self.config.num_stages):
             p, b, sel, valid = flat_routing[4 * s : 4 * s + 4]
             routing.append(RoutingOutput(p, b, sel, valid=None if s == 0 else valid))
         return CausalLMOutput(logits=logits, routing=routing, cache=cache)
+
+    def resolve_step_mode(self, cache: InferenceCache) -> str:
+        """"fused" or "split" for this cache. "auto" splits when the inner levels hold most of the
+        weights (skipping them on non-boundary bytes saves more than the per-stage sync costs) and
+        the model is big enough for that to matter (>= 50M parameters); small models fuse."""
+        if self.step_mode not in STEP_MODES:
+            raise HNetError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        if self.step_mode != "auto":
+            return self.step_mode
+        if self.config.num_stages == 0:
+            return "fused"
+        if self._inner_share is None:
+            sizes = {k: v.size for k, v in tree_flatten(self.parameters())}
+            total = sum(sizes.values())
+            inner = sum(n for k, n in sizes.items() if k.startswith("backbone.main_network."))
+            object.__setattr__(self, "_inner_share", (total, inner / max(total, 1)))
+        total, share = self._inner_share
+        return "split" if total >= 50_000_000 and share >= 0.5 else "fused"
 
     def _step_function(self, cache: InferenceCache):
         """The (compiled) decode step for caches shaped like `cache`."""
@@ -224,6 +252,80 @@ class HNetForCausalLM(nn.Module):
             self._step_fns[key] = fn
         return fn
 
+    # -- the "split" decode step ---------------------------------------------------------------
+
+    def _piece(self, key: tuple, body, template: list):
+        """A (compiled) function of (tensors, state arrays) -> (outputs, new state arrays) running
+        `body(tensors, states)` on a copy of `template` (a list of state dataclasses) holding the arrays."""
+        key = ("split", *key, self.compile_step)
+        fn = self._step_fns.get(key)
+        if fn is None:
+            def run(tensors: list, arrays: list):
+                states = with_arrays(template, arrays)
+                outputs = body(tensors, states)
+                return outputs, state_arrays(states)
+
+            fn = mx.compile(run, inputs=self.state) if self.compile_step else run
+            self._step_fns[key] = fn
+        return fn
+
+    def _split_step(self, input_ids: mx.array, cache: InferenceCache):
+        """Run level by level; descend into an inner level only if some sample is on a boundary."""
+        shape = (cache.batch_size, cache.max_seqlen)
+        node, state, active, level = self.backbone, cache.backbone, None, 0
+        h = input_ids
+        pending = []  # outer levels waiting for their inner result: (node, state, level, active, residual, routing)
+        flat_routing: list[mx.array] = []
+        while True:
+            first = level == 0
+            if node.is_innermost:
+                def main_body(t, st, node=node, first=first):
+                    x = self.embeddings(t[0]) if first else t[0]
+                    out = node.step_main(x, st[0], None if first else t[1])
+                    return [self._logits(out) if first else out]
+
+                fn = self._piece((level, "main", *shape), main_body, [state])
+                (h,), arrays = fn([h] if first else [h, active], state_arrays([state]))
+                cache_state = with_arrays([state], arrays)[0]
+                _assign(state, cache_state)
+                break
+
+            def in_body(t, st, node=node, first=first):
+                x = self.embeddings(t[0]) if first else t[0]
+                level_state = HNetState(encoder=st[0], routing=st[1])
+                h_enc, residual, r = node.step_in(x, level_state, None if first else t[1])
+                return [h_enc, residual, r.boundary_prob, r.boundary_mask, r.selected_probs]
+
+            fn = self._piece((level, "in", *shape), in_body, [state.encoder, state.routing])
+            (h_enc, residual, p, b, sel), arrays = fn([h] if first else [h, active],
+                                                      state_arrays([state.encoder, state.routing]))
+            state.encoder, state.routing = with_arrays([state.encoder, state.routing], arrays)
+            valid = mx.ones(b.shape, dtype=mx.bool_) if active is None else active
+            flat_routing += [mx.where(valid, p, math.nan)[:, None], b[:, None], mx.where(valid, sel, math.nan)[:, None],
+                             valid[:, None]]
+            pending.append((node, state, level, active, residual, (p, b, sel)))
+            if not bool(b.any().item()):  # no sample reached the inner level: skip it (a sync)
+                h = mx.zeros_like(h_enc)
+                flat_routing += _not_run(cache.batch_size, self.config.num_stages - level - 1)
+                break
+            node, state, active, h, level = node.main_network, state.main, b, h_enc, level + 1
+
+        for node, state, level, active, residual, (p, b, sel) in reversed(pending):
+            first = level == 0
+
+            def out_body(t, st, node=node, first=first):
+                routing = RoutingOutput(t[2], t[3], t[4])
+                level_state = HNetState(dechunk=st[0], decoder=st[1])
+                d_parent = self.config.d_model[node.level - 1] if node.level > 0 else node.d_model
+                out = node.step_out(t[0], t[1], routing, level_state, None if first else t[5], d_parent)
+                return [self._logits(out) if first else out]
+
+            fn = self._piece((level, "out", *shape), out_body, [state.dechunk, state.decoder])
+            tensors = [h, residual, p, b, sel] + ([] if first else [active])
+            (h,), arrays = fn(tensors, state_arrays([state.dechunk, state.decoder]))
+            state.dechunk, state.decoder = with_arrays([state.dechunk, state.decoder], arrays)
+        return h, flat_routing
+
     @staticmethod
     def _check_cu_seqlens(cu_seqlens, input_ids: mx.array) -> mx.array:
         if input_ids.shape[0] != 1:
@@ -234,3 +336,16 @@ class HNetForCausalLM(nn.Module):
         if bool((cu[1:] <= cu[:-1]).any()):
             raise HNetError("cu_seqlens must be strictly increasing (no empty sequences)")
         return mx.array(cu.astype(np.int32))
+
+
+def _assign(target, source) -> None:
+    """Copy the fields of dataclass `source` onto `target` (same type): the cache objects stay the same."""
+    for name in target.__dataclass_fields__:
+        setattr(target, name, getattr(source, name))
+
+
+def _not_run(batch: int, stages: int) -> list[mx.array]:
+    """Routing outputs of inner stages that no sample reached this step (NaN, like the official step)."""
+    nan = mx.full((batch, 1), math.nan)
+    no = mx.zeros((batch, 1), dtype=mx.bool_)
+    return [nan, no, nan, no] * stages

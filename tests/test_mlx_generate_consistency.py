@@ -33,8 +33,9 @@ def test_routing_is_not_trivial(model):
         assert 0.15 < rate < 0.85  # both decisions occur at every stage, so the tests below mean something
 
 
-@pytest.mark.parametrize("prefill_len", [1, 41])
-def test_prefill_then_step_equals_full_forward_at_every_position(model, prefill_len):
+@pytest.mark.parametrize("prefill_len, step_mode", [(1, "fused"), (41, "fused"), (1, "split")])
+def test_prefill_then_step_equals_full_forward_at_every_position(model, prefill_len, step_mode):
+    model.step_mode = step_mode  # "split" skips inner levels on non-boundary bytes: B = 1 exercises it
     ids = mx.array([encode(TEXT[:110])])
     L = ids.shape[1]
     full = model(ids)
@@ -57,7 +58,9 @@ def test_prefill_then_step_equals_full_forward_at_every_position(model, prefill_
         assert stage_masks[s] == list(np_(r.boundary_mask)[np_(r.valid)]), f"stage {s}"
 
 
-def test_batched_step_with_ragged_prompts_equals_each_sample_alone(model):
+@pytest.mark.parametrize("step_mode", ["fused", "split"])
+def test_batched_step_with_ragged_prompts_equals_each_sample_alone(model, step_mode):
+    model.step_mode = step_mode
     texts = [TEXT[:37], TEXT[50:55], TEXT[60:81]]
     cont = [encode(TEXT[90:130], add_bos=False), encode(TEXT[20:60], add_bos=False), encode(TEXT[130:170], add_bos=False)]
     n_steps = 24
@@ -76,17 +79,31 @@ def test_batched_step_with_ragged_prompts_equals_each_sample_alone(model):
         assert np.abs(np.stack(batched[b]) - ref).max() <= ATOL, f"sample {b}"
 
 
-def test_compiled_step_equals_uncompiled_step(model):
+def test_every_step_mode_compiled_or_not_gives_the_same_outputs(model):
     ids = mx.array([encode(TEXT[:30]), encode(TEXT[40:70])])
-    results = []
-    for compiled in (True, False):
-        model.compile_step = compiled
-        cache = model.allocate_inference_cache(batch_size=2, max_seqlen=40)
-        model(ids[:, :20], cache=cache)
-        logits = [np_(model.step(ids[:, t : t + 1], cache).logits) for t in range(20, 30)]
-        results.append(np.concatenate(logits, 1))
-    model.compile_step = True
-    assert np.abs(results[0] - results[1]).max() <= 1e-6
+    results = {}
+    for mode in ("fused", "split"):
+        for compiled in (True, False):
+            model.step_mode, model.compile_step = mode, compiled
+            cache = model.allocate_inference_cache(batch_size=2, max_seqlen=40)
+            model(ids[:, :20], cache=cache)
+            outs = []
+            for t in range(20, 30):
+                o = model.step(ids[:, t : t + 1], cache)
+                outs += [np_(o.logits)] + [np.nan_to_num(np_(x), nan=-1.0) for r in o.routing
+                                           for x in (r.boundary_prob, r.boundary_mask, r.selected_probs)]
+            results[mode, compiled] = np.concatenate([o.reshape(2, -1) for o in outs], 1)
+    model.step_mode, model.compile_step = "auto", True
+    for key, value in results.items():
+        assert np.abs(value - results["fused", True]).max() <= 1e-6, key
+
+
+def test_auto_step_mode_fuses_small_models(model):
+    cache = model.allocate_inference_cache(batch_size=1, max_seqlen=8)
+    assert model.resolve_step_mode(cache) == "fused"
+    model.step_mode = "sometimes"
+    with pytest.raises(HNetError, match="step_mode"):
+        model.resolve_step_mode(cache)
 
 
 def test_compiled_step_sees_updated_weights():
