@@ -170,6 +170,47 @@ def test_ssd_scan_forward_and_gradients_match_pure_mlx(case, factory):
         close(gk, gr, max(tol, 1e-3) if name == "dA" else tol, name)
 
 
+def _float64_recurrence_grads(x, dt, A, B, C, D, seq, wy, wf):
+    """Gradients of sum(y wy) + sum(final wf) through the plain sequential recurrence, in float64."""
+    torch = pytest.importorskip("torch")
+    T = lambda a: torch.tensor(np.array(a), dtype=torch.float64, requires_grad=True)  # noqa: E731
+    xt, dtt, At, Bt, Ct, Dt = T(x), T(dt), T(A), T(B), T(C), T(D)
+    b, l, h, p = x.shape
+    rep = h // B.shape[2]
+    ids = np.array(seq)
+    state = torch.zeros(b, h, p, B.shape[-1], dtype=torch.float64)
+    ys = []
+    for t in range(l):
+        decay = torch.exp(dtt[:, t] * At)  # (b, h)
+        if t > 0:  # a new sequence starts: the state restarts
+            decay = decay * torch.tensor(ids[:, t] == ids[:, t - 1], dtype=torch.float64)[:, None]
+        Bh, Ch = Bt[:, t].repeat_interleave(rep, 1), Ct[:, t].repeat_interleave(rep, 1)
+        state = state * decay[..., None, None] + (dtt[:, t, :, None] * xt[:, t])[..., None] * Bh[:, :, None]
+        ys.append((state * Ch[:, :, None]).sum(-1) + Dt[:, None] * xt[:, t])
+    w = lambda a: torch.tensor(np.array(a), dtype=torch.float64)  # noqa: E731
+    ((torch.stack(ys, 1) * w(wy)).sum() + (state * w(wf)).sum()).backward()
+    return [t.grad.numpy() for t in (xt, dtt, At, Bt, Ct, Dt)]
+
+
+def test_ssd_gradients_at_hnet_init_ranges_match_a_float64_recurrence(factory):
+    """dt in [1e-3, 0.1] and A in [-16, -1] (mamba_ssm's init, which H-Net keeps), several chunks and
+    sequences: every gradient, dA included, within 1e-4 of the float64 sequential recurrence."""
+    rng = np.random.default_rng(11)
+    b, l, h, p, n, g, Q = 1, 96, 2, 32, 16, 1, 32
+    f32 = lambda a: mx.array(np.asarray(a, dtype=np.float32))  # noqa: E731
+    x, B, C = (f32(rng.standard_normal(s)) for s in ((b, l, h, p), (b, l, g, n), (b, l, g, n)))
+    dt = f32(np.exp(rng.uniform(np.log(1e-3), np.log(0.1), (b, l, h))))
+    A, D = f32(-rng.uniform(1, 16, h)), f32(rng.standard_normal(h))
+    pos = np.arange(l)
+    seq = mx.array(((pos >= 40).astype(np.int32) + (pos >= 70))[None])  # starts mid-chunk
+    wy, wf = f32(rng.standard_normal((b, l, h, p))), f32(rng.standard_normal((b, h, p, n)))
+    kernel = lambda *a: hk.ssd_scan(*a, factory=factory)  # noqa: E731
+    grads = mx.grad(_ssd_loss(kernel, Q, seq, wy, wf), argnums=[0, 1, 2, 3, 4, 5])(x, dt, A, B, C, D, None)
+    truth = _float64_recurrence_grads(x, dt, A, B, C, D, seq, wy, wf)
+    for name, gk, gt in zip(["dx", "ddt", "dA", "dB", "dC", "dD"], grads, truth):
+        close(gk, mx.array(gt.astype(np.float32)), 1e-4, name)
+
+
 def test_ssd_scan_without_D_and_with_empty_sequence(factory):
     x, dt, A, B, C, _, _, _ = _ssd_inputs(1, 9, 2, 32, 16, 1, F32, False, False, False)
     y, final = hk.ssd_scan(x, dt, A, B, C, 4, factory=factory)
