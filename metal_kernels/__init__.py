@@ -7,13 +7,22 @@ Kernels (one Metal body per `.metal` file here, built with `mx.fast.metal_kernel
   * ema_dechunk   dechunk EMA fused with the gather to byte positions, with its backward
 Each function has exactly the signature of its pure-MLX twin in hnet_mlx (kernels.py, ssd.py),
 which is the reference the tests hold it to. `emulated()` runs the same kernels on the CPU
-emulator in `hnet_metal_kernels.emulator` (Linux has no Metal).
+emulator in `hnet_metal_kernels.emulator` (Linux has no Metal); `self_test()` (or
+`python -m hnet_metal_kernels.selftest`) checks every kernel on this machine in a few seconds.
 """
 
 from .ema import ema_dechunk
 from .factory import EmulatorFactory, KernelFactory, MetalFactory, current_factory, emulated, is_available, use_factory
 from .ssd import ssd_scan
 from .step import conv_step, ssm_step
+
+
+def self_test(factory: KernelFactory | None = None) -> dict[str, str | None]:
+    """Run every kernel once against hnet_mlx's pure paths (see selftest.py); {check: problem or None}."""
+    from .selftest import self_test as run
+
+    return run(factory)
+
 
 __all__ = [
     "EmulatorFactory",
@@ -24,6 +33,7 @@ __all__ = [
     "ema_dechunk",
     "emulated",
     "is_available",
+    "self_test",
     "ssd_scan",
     "ssm_step",
     "use_factory",

@@ -49,6 +49,7 @@ def conv_step(conv_state: mx.array, x: mx.array, weight: mx.array, bias: mx.arra
         "hnet_conv_step", ["conv_state", "x", "weight", "bias"], ["out", "new_state"], source("conv_step"))
     out, new_state = kernel(
         inputs=[conv_state, x, weight, bias],
+        template=[("OutT", x.dtype), ("StateT", conv_state.dtype)],
         grid=(c, b, 1), threadgroup=(min(c, 256), 1, 1),
         output_shapes=[(b, c), (b, c, k)], output_dtypes=[x.dtype, conv_state.dtype],
     )

@@ -346,7 +346,8 @@ def test_out_of_bounds_write_in_conv_step_is_reported():
     kernel = hk.EmulatorFactory().metal_kernel("hnet_conv_step", ["conv_state", "x", "weight", "bias"],
                                                ["out", "new_state"], hk.sources.source("conv_step"))
     with pytest.raises(EmulatorError, match="past the end of output"):
-        kernel(inputs=[conv_state, x, weight, bias], grid=(64, 2, 1), threadgroup=(64, 1, 1),
+        kernel(inputs=[conv_state, x, weight, bias], template=[("OutT", F32), ("StateT", F32)],
+               grid=(64, 2, 1), threadgroup=(64, 1, 1),
                output_shapes=[(2, 40), (2, 40, 4)], output_dtypes=[F32, F32])
 
 
@@ -356,3 +357,19 @@ def test_barrier_divergence_in_ema_backward_is_reported():
     broken = Mutated("hnet_ema_dechunk_bwd", "int t = int(L) - 1;", "if (di >= 32) return;\nint t = int(L) - 1;")
     with pytest.raises(EmulatorError, match=r"reached by 32 of 40 threads"):
         mx.eval(mx.grad(lambda q: hk.ema_dechunk(values, q, chunk_index, seq, factory=broken).sum())(p))
+
+
+# -- the on-device self test ----------------------------------------------------------------
+
+
+def test_self_test_passes_for_the_shipped_kernels(factory):
+    report = hk.self_test(factory)
+    assert set(report) == {"ssm_step", "conv_step", "ssd_scan", "ssd_scan backward", "ema_dechunk", "ema_dechunk backward"}
+    assert all(problem is None for problem in report.values()), report
+
+
+def test_self_test_reports_a_broken_kernel():
+    broken = Mutated("hnet_ssd_chunk_scan", "y[xi] = acc + Dh * xv;", "y[xi] = acc;")  # drops the D skip term
+    report = hk.self_test(broken)
+    assert "differs from the pure-MLX path" in report["ssd_scan"]
+    assert report["ssm_step"] is None and report["ema_dechunk"] is None
