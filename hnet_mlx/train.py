@@ -252,6 +252,8 @@ def run(model_fn, data: str, out: str, train_config: TrainConfig, resume: str | 
 def train(config_path: str | None, data: str, out: str, train_config: TrainConfig, resume: str | None = None,
           explicit: dict | None = None, **kw) -> str:
     """Pretraining from scratch (the model config at `config_path`), or its resumption."""
+    if config_path is None and resume is None:
+        raise HNetError("give --config CONFIG.json (the model to train from scratch)")
 
     def model_fn(resume_dir):
         if resume_dir is not None:
@@ -267,6 +269,8 @@ def finetune(model_path: str | None, data: str, out: str, train_config: TrainCon
              explicit: dict | None = None, lora_rank: int | None = None, lora_layers: str | None = None,
              lora_scale: float = 2.0, **kw) -> str:
     """Full fine-tuning of `model_path`, or LoRA when lora_rank is given."""
+    if model_path is None and resume is None:
+        raise HNetError("give --model DIR (the model to fine-tune)")
     lora = None
     if lora_rank is not None:
         lora = {"rank": int(lora_rank), "layers": list(lora_lib.parse_layers(lora_layers)), "scale": float(lora_scale),

@@ -262,6 +262,8 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
           kernels: str = "auto", show_progress: bool = True, stop_at: int | None = None,
           time_limit: float | None = None) -> str:
     """Run (or resume) a training run; returns the final model directory (or the checkpoint on Ctrl-C)."""
+    if resume is None and (config_path is None) == (model_path is None):
+        raise HNetError("give --config CONFIG.json to train from scratch or --model DIR to fine-tune (one of them)")
     rank, world, dev = init_distributed(device)
     try:
         plan = train_loop.plan_run(out, train_config, resume, explicit or {})
