@@ -311,3 +311,27 @@ def test_constant_address_space_of_small_inputs_is_checked():
         kernel(inputs=sig_inputs, output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1), threadgroup=(1, 1, 1))
     kernel(inputs=[mx.zeros((16,))], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
            threadgroup=(1, 1, 1))
+
+
+def test_every_attribute_mlx_declares_is_passed_with_its_value():
+    from hnet_metal_kernels.emulator.signature import METAL_ATTRIBUTES
+
+    src = """
+    uint i = thread_position_in_grid.y * 70 + thread_position_in_grid.x;
+    uint v[26] = {
+        dispatch_quadgroups_per_threadgroup, dispatch_simdgroups_per_threadgroup,
+        dispatch_threads_per_threadgroup.x, grid_origin.x, grid_size.x, grid_size.y, quadgroup_index_in_threadgroup,
+        quadgroups_per_threadgroup, simdgroup_index_in_threadgroup, simdgroups_per_threadgroup,
+        thread_execution_width, thread_index_in_quadgroup, thread_index_in_simdgroup, thread_index_in_threadgroup,
+        thread_position_in_grid.x, thread_position_in_threadgroup.x, thread_position_in_threadgroup.y,
+        threadgroup_position_in_grid.x, threadgroup_position_in_grid.y, threadgroups_per_grid.x, threads_per_grid.x,
+        threads_per_simdgroup, threads_per_threadgroup.x, threads_per_threadgroup.y, grid_origin.y, grid_origin.z};
+    for (int k = 0; k < 26; ++k) out[i * 26 + k] = v[k];
+    """
+    assert all(attr in src for attr, _ in METAL_ATTRIBUTES)
+    (out,) = run(src, [mx.zeros((1,))], [(3 * 70 * 26,)], [mx.uint32], grid=(70, 3, 1), threadgroup=(32, 2, 1))
+    out = np.array(out).reshape(3, 70, 26)
+    # thread (x=65, y=2): edge group (2, 1) of size 6 x 1; local (1, 0); index 1
+    assert out[2, 65].tolist() == [16, 2, 32, 0, 70, 3, 0, 2, 0, 1, 32, 1, 1, 1, 65, 1, 0, 2, 1, 3, 70, 32, 6, 1, 0, 0]
+    # thread (x=40, y=1): full group (1, 0); local (8, 1); index 1 * 32 + 8 = 40
+    assert out[1, 40].tolist() == [16, 2, 32, 0, 70, 3, 10, 16, 1, 2, 32, 0, 8, 40, 40, 8, 1, 1, 0, 3, 70, 32, 32, 2, 0, 0]

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 SHIM = HERE / "metal_shim.h"
 RUNTIME_H = HERE / "runtime.h"
 RUNTIME_CPP = HERE / "runtime.cpp"
+HNET_SIMD_WIDTH = 32  # threads per simdgroup on Apple GPUs (runtime.h: HNET_EMU_SIMD_WIDTH)
 
 # -O1: fast enough to build (about a second) and to run; -ftrivial-auto-var-init=pattern fills
 # uninitialised locals with 0xFE bytes so reading one shows up as a wrong result.
@@ -103,6 +104,24 @@ def rewrite_threadgroup_arrays(source: str, syntax: bool) -> str:
     return _TG_DECL.sub(repl, source)
 
 
+def _uint3(field: str) -> str:
+    return f"uint3(a->{field}[0], a->{field}[1], a->{field}[2])"
+
+
+# How each thread-position attribute is passed; the scalar ones not listed are fields of
+# hnet_emu_attrs with the attribute's own name.
+_ATTRIBUTE_VALUES = {
+    "grid_origin": "uint3(0, 0, 0)",  # MLX dispatches from the origin
+    "grid_size": _uint3("threads_per_grid"),
+    "thread_execution_width": f"uint({HNET_SIMD_WIDTH})",
+    "threads_per_simdgroup": f"uint({HNET_SIMD_WIDTH})",
+    **{name: _uint3(name) for name in (
+        "dispatch_threads_per_threadgroup", "thread_position_in_grid", "thread_position_in_threadgroup",
+        "threadgroup_position_in_grid", "threadgroups_per_grid", "threads_per_grid", "threads_per_threadgroup",
+    )},
+}
+
+
 def glue(sig: Signature) -> str:
     """extern "C" entry: unpack the buffer table and the thread attributes into the kernel call."""
     args = []
@@ -123,22 +142,7 @@ def glue(sig: Signature) -> str:
         args.append(f"({type_string(odt)}*)b[{index}]")
         index += 1
     for attr in sig.attributes:
-        field = {
-            "grid_origin": None,
-            "grid_size": "threads_per_grid",
-            "thread_execution_width": None,
-            "threads_per_simdgroup": None,
-        }.get(attr, attr)
-        if attr == "grid_origin":
-            args.append("uint3(0, 0, 0)")
-        elif attr in ("thread_execution_width", "threads_per_simdgroup"):
-            args.append(f"uint({32})")
-        elif attr in ("dispatch_threads_per_threadgroup", "grid_size", "thread_position_in_grid",
-                      "thread_position_in_threadgroup", "threadgroup_position_in_grid", "threadgroups_per_grid",
-                      "threads_per_grid", "threads_per_threadgroup"):
-            args.append(f"uint3(a->{field}[0], a->{field}[1], a->{field}[2])")
-        else:
-            args.append(f"uint(a->{field})")
+        args.append(_ATTRIBUTE_VALUES.get(attr, f"uint(a->{attr})"))
     call = sig.kernel_name + (sig.template_def if sig.template else "")
     joined = ",\n    ".join(args)
     return (
