@@ -248,9 +248,12 @@ def print_summary(summary: ConversionSummary) -> None:
                   f"lm_head: {'yes' if q['lm_head'] else 'no'})")
     table.add_row("size on disk", _human_bytes(summary.disk_bytes))
     table.add_row("stages", str(cfg.num_stages))
-    for level in range(cfg.num_levels):
-        letters = "".join(cfg.layers_at(level))
-        table.add_row(f"level {level}", f"d_model {cfg.d_model[level]}, {len(letters)} layers ({letters})")
+    for level, layout in enumerate(cfg.levels):
+        if layout.is_innermost:
+            layers = f"main {''.join(layout.main)}"
+        else:
+            layers = f"encoder {''.join(layout.encoder)}, decoder {''.join(layout.decoder)}"
+        table.add_row(f"level {level}", f"d_model {cfg.d_model[level]}: {layers}")
     Console().print(table)
 
 
