@@ -25,14 +25,13 @@ _LINE_COMMENT = re.compile(r"//[^\n]*")
 
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
-    """The body of kernel `name` as given to metal_kernel, with comments removed.
+    """The body of kernel `name` as given to metal_kernel, with comments blanked out.
 
     MLX adds a signature parameter for every attribute or `<input>_shape` name that appears
-    anywhere in the body, comments included, so the documentation comments are stripped; the
-    bodies contain no string literals."""
+    anywhere in the body, comments included, so comments are removed (the bodies contain no
+    string literals). Lines are kept, so a line number of the body is a line of the .metal file."""
     text = (HERE / f"{name}.metal").read_text()
-    lines = [_LINE_COMMENT.sub("", line).rstrip() for line in text.splitlines()]
-    return "\n".join(line for line in lines if line) + "\n"
+    return "\n".join(_LINE_COMMENT.sub("", line).rstrip() for line in text.splitlines()) + "\n"
 
 
 def header_comment(name: str) -> str:

@@ -241,7 +241,7 @@ def test_barrier_skipped_by_returned_threads_is_reported():
     threadgroup_barrier(mem_flags::mem_threadgroup);
     out[i] = buf[0];
     """
-    with pytest.raises(EmulatorError, match="reached by 40 of 64 threads"):
+    with pytest.raises(EmulatorError, match="threadgroup_barrier at line 6 of the kernel body reached by 40 of 64 threads"):
         run(src, [mx.zeros((1,))], [(40,)], grid=(64, 1, 1), threadgroup=(64, 1, 1))
 
 

@@ -168,12 +168,21 @@ def translation_unit(sig: Signature, syntax: bool = False) -> str:
 # ---- compiling -------------------------------------------------------------------------
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, note: str = "") -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         detail = "\n".join(lines[:60])
-        raise EmulatorCompileError(f"{what} failed:\n{detail}")
+        raise EmulatorCompileError(f"{what} failed{note}:\n{detail}")
+
+
+def _body_note(sig: Signature) -> str:
+    """Where the body starts in generated.metal, to read compiler line numbers."""
+    signature_end = sig.source.find("[[kernel]] void ")
+    brace = sig.source.find(") {\n", signature_end)
+    if brace < 0:
+        return ""
+    return f" (line k of the kernel body is line k + {sig.source[: brace].count(chr(10)) + 1} of generated.metal)"
 
 
 def _atomic_build(target: Path, build) -> Path:
@@ -212,7 +221,7 @@ def compile_kernel(sig: Signature) -> Path:
 
     def build(tmp: str) -> None:
         _run([gxx(), *GXX_FLAGS, "-shared", "-Wl,-Bsymbolic", f"-I{HERE}", str(src), str(runtime), "-o", tmp],
-             f"compiling kernel {sig.kernel_name} for the emulator (source: {src})")
+             f"compiling kernel {sig.kernel_name} for the emulator (source: {src})", _body_note(sig))
 
     return _atomic_build(target, build)
 
@@ -233,5 +242,6 @@ def check_address_spaces(sig: Signature) -> None:
         return
     src = cache_dir() / f"syntax-{key}.cpp"
     src.write_text(tu)
-    _run([compiler, *CLANG_FLAGS, f"-I{HERE}", str(src)], f"address-space check of {sig.kernel_name} (source: {src})")
+    _run([compiler, *CLANG_FLAGS, f"-I{HERE}", str(src)], f"address-space check of {sig.kernel_name} (source: {src})",
+         _body_note(sig))
     marker.write_text("ok\n")

@@ -18,6 +18,7 @@ Any problem raises EmulatorError listing all of them.
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -169,6 +170,19 @@ class EmulatedKernel:
         self.seed = seed
         self.last_launch: LaunchRecord | None = None
 
+    def _body_lines(self, sig: Signature, text: str) -> str:
+        """The runtime names lines of the generated source; point them into the kernel body."""
+        at = sig.source.find(self.source)
+        first = sig.source[:at].count("\n") + 1 if at >= 0 else 1
+
+        def repl(m: re.Match) -> str:
+            line = int(m.group(1))
+            if at >= 0 and line >= first:
+                return f"line {line - first + 1} of the kernel body"
+            return f"line {line} of the generated source"
+
+        return re.sub(r"\bline (\d+)", repl, text)
+
     def signature(self, inputs, output_dtypes, template=()) -> Signature:
         meta = [(a.dtype, a.ndim, a.size) for a in inputs]
         return build_signature(self.name, self.input_names, self.output_names, self.source, self.header, meta,
@@ -250,7 +264,8 @@ class EmulatedKernel:
                 n_problems = lib.hnet_emu_launch(entry, c_table, ctypes.byref(cfg), errbuf, len(errbuf))
             tag = f"[{ORDER_NAMES[order]} order] "
             if n_problems:
-                problems.extend(tag + line for line in errbuf.value.decode(errors="replace").splitlines() if line)
+                text = self._body_lines(sig, errbuf.value.decode(errors="replace"))
+                problems.extend(tag + line for line in text.splitlines() if line)
             for oname, o in zip(self.output_names, outs):
                 before, after = o.guard_damage()
                 if before:

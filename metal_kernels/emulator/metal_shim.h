@@ -252,8 +252,12 @@ template <typename T> T simd_shuffle_xor(T, ushort);
 bool simd_all(bool);
 bool simd_any(bool);
 #else
-HNET_INLINE void threadgroup_barrier(mem_flags) { hnet_emu_barrier(0); }
-HNET_INLINE void simdgroup_barrier(mem_flags) { hnet_emu_barrier(1); }
+// Plain calls identify their site by return address; the macros at the end of this file route
+// the usual spelling through the *_at versions, which carry a unique site id and the line.
+HNET_INLINE void threadgroup_barrier(mem_flags) { hnet_emu_barrier(0, 0, -1); }
+HNET_INLINE void simdgroup_barrier(mem_flags) { hnet_emu_barrier(1, 0, -1); }
+HNET_INLINE void threadgroup_barrier_at(intptr_t site, int line, mem_flags) { hnet_emu_barrier(0, site, line); }
+HNET_INLINE void simdgroup_barrier_at(intptr_t site, int line, mem_flags) { hnet_emu_barrier(1, site, line); }
 
 namespace emu {
 constexpr int W = HNET_EMU_SIMD_WIDTH;
@@ -334,10 +338,10 @@ void vote(const unsigned char* active, const unsigned char* in, const int32_t*, 
     if (active[i]) put<bool>(out, i, KIND == 0 ? all : any);
 }
 template <typename T>
-HNET_INLINE T call(hnet_emu_collective_fn fn, T x, int32_t arg) {
+HNET_INLINE T call(hnet_emu_collective_fn fn, T x, int32_t arg, intptr_t site = 0, int line = -1) {
   static_assert(sizeof(T) <= S, "simd collective on a value wider than 16 bytes");
   T r;
-  hnet_emu_collective(fn, &x, sizeof(T), arg, &r);
+  hnet_emu_collective(fn, &x, sizeof(T), arg, &r, site, line);
   return r;
 }
 }  // namespace emu
@@ -358,6 +362,22 @@ template <typename T> HNET_INLINE T simd_shuffle_xor(T x, ushort mask) { return 
 template <typename T> HNET_INLINE T simd_broadcast_first(T x) { return emu::call(&emu::move<T, 4>, x, 0); }
 HNET_INLINE bool simd_all(bool x) { return emu::call(&emu::vote<0>, x, 0); }
 HNET_INLINE bool simd_any(bool x) { return emu::call(&emu::vote<1>, x, 0); }
+template <typename T> HNET_INLINE T simd_sum_at(intptr_t site, int line, T x) { return emu::call(&emu::reduce<T, 0>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_product_at(intptr_t site, int line, T x) { return emu::call(&emu::reduce<T, 1>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_max_at(intptr_t site, int line, T x) { return emu::call(&emu::reduce<T, 2>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_min_at(intptr_t site, int line, T x) { return emu::call(&emu::reduce<T, 3>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_prefix_inclusive_sum_at(intptr_t site, int line, T x) { return emu::call(&emu::scan<T, 0>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_prefix_exclusive_sum_at(intptr_t site, int line, T x) { return emu::call(&emu::scan<T, 1>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_prefix_inclusive_product_at(intptr_t site, int line, T x) { return emu::call(&emu::scan<T, 2>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_prefix_exclusive_product_at(intptr_t site, int line, T x) { return emu::call(&emu::scan<T, 3>, x, 0, site, line); }
+template <typename T> HNET_INLINE T simd_broadcast_at(intptr_t site, int line, T x, ushort a) { return emu::call(&emu::move<T, 0>, x, a, site, line); }
+template <typename T> HNET_INLINE T simd_shuffle_at(intptr_t site, int line, T x, ushort a) { return emu::call(&emu::move<T, 0>, x, a, site, line); }
+template <typename T> HNET_INLINE T simd_shuffle_up_at(intptr_t site, int line, T x, ushort a) { return emu::call(&emu::move<T, 1>, x, a, site, line); }
+template <typename T> HNET_INLINE T simd_shuffle_down_at(intptr_t site, int line, T x, ushort a) { return emu::call(&emu::move<T, 2>, x, a, site, line); }
+template <typename T> HNET_INLINE T simd_shuffle_xor_at(intptr_t site, int line, T x, ushort a) { return emu::call(&emu::move<T, 3>, x, a, site, line); }
+template <typename T> HNET_INLINE T simd_broadcast_first_at(intptr_t site, int line, T x) { return emu::call(&emu::move<T, 4>, x, 0, site, line); }
+HNET_INLINE bool simd_all_at(intptr_t site, int line, bool x) { return emu::call(&emu::vote<0>, x, 0, site, line); }
+HNET_INLINE bool simd_any_at(intptr_t site, int line, bool x) { return emu::call(&emu::vote<1>, x, 0, site, line); }
 #endif
 
 }  // namespace metal
@@ -376,4 +396,27 @@ using namespace metal;  // as MLX's preamble (bf16.h) does
 #define constant
 #define threadgroup
 #define thread
+#endif
+
+#ifndef HNET_EMU_SYNTAX
+// Give every barrier and collective in a kernel body its own site id (__COUNTER__ counts textual
+// occurrences) and its line, so lanes are matched per call and messages can point at the body.
+#define simd_sum(x) simd_sum_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_product(x) simd_product_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_max(x) simd_max_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_min(x) simd_min_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_prefix_inclusive_sum(x) simd_prefix_inclusive_sum_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_prefix_exclusive_sum(x) simd_prefix_exclusive_sum_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_prefix_inclusive_product(x) simd_prefix_inclusive_product_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_prefix_exclusive_product(x) simd_prefix_exclusive_product_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_broadcast(x, a) simd_broadcast_at(__COUNTER__ + 1, __LINE__, x, a)
+#define simd_shuffle(x, a) simd_shuffle_at(__COUNTER__ + 1, __LINE__, x, a)
+#define simd_shuffle_up(x, a) simd_shuffle_up_at(__COUNTER__ + 1, __LINE__, x, a)
+#define simd_shuffle_down(x, a) simd_shuffle_down_at(__COUNTER__ + 1, __LINE__, x, a)
+#define simd_shuffle_xor(x, a) simd_shuffle_xor_at(__COUNTER__ + 1, __LINE__, x, a)
+#define simd_broadcast_first(x) simd_broadcast_first_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_all(x) simd_all_at(__COUNTER__ + 1, __LINE__, x)
+#define simd_any(x) simd_any_at(__COUNTER__ + 1, __LINE__, x)
+#define threadgroup_barrier(f) threadgroup_barrier_at(__COUNTER__ + 1, __LINE__, f)
+#define simdgroup_barrier(f) simdgroup_barrier_at(__COUNTER__ + 1, __LINE__, f)
 #endif

@@ -45,7 +45,8 @@ struct Fiber {
   jmp_buf env;
   bool started;
   State state;
-  const void* site;  // call site of the pending synchronisation
+  intptr_t site;  // call site of the pending synchronisation
+  int line;       // its source line, -1 if unknown
   hnet_emu_collective_fn fn;
   int32_t arg;
   unsigned char in[kSlot];
@@ -134,9 +135,10 @@ void run_fiber(Launch* L, int i) {
   L->current = -1;
 }
 
-std::string fmt_site(const void* site) {
+std::string fmt_site(const Fiber& f) {
   char buf[64];
-  snprintf(buf, sizeof buf, "%p", site);
+  if (f.line >= 0) snprintf(buf, sizeof buf, "line %d", f.line);  // launch.py maps it into the body
+  else snprintf(buf, sizeof buf, "%p", (void*)f.site);
   return buf;
 }
 
@@ -175,12 +177,12 @@ bool resolve_simdgroups(Launch* L) {
         active[j - lo] = 1;
         memcpy(in + (j - lo) * kSlot, f.in, kSlot);
         args[j - lo] = f.arg;
-        if (f.state == WAIT_SIMD && f.fn != lead.fn) report("different simd collectives at one call site " + fmt_site(lead.site));
+        if (f.state == WAIT_SIMD && f.fn != lead.fn) report("different simd collectives at one call site, " + fmt_site(lead));
       }
       if (lead.state == WAIT_SIMD) {
         lead.fn(active, in, args, out);
       } else if (members != live) {
-        report("simdgroup_barrier at " + fmt_site(lead.site) + " reached by " + std::to_string(members) + " of " +
+        report("simdgroup_barrier at " + fmt_site(lead) + " reached by " + std::to_string(members) + " of " +
                std::to_string(live) + " live lanes of a simdgroup (divergent barrier)");
       }
       for (int j = lo; j < hi; ++j) {
@@ -223,7 +225,8 @@ void run_threadgroup(Launch* L, const hnet_emu_launch_config* cfg, const uint32_
     Fiber& f = L->fibers[i];
     f.started = false;
     f.state = RUNNABLE;
-    f.site = nullptr;
+    f.site = 0;
+    f.line = -1;
     hnet_emu_attrs& a = f.attrs;
     uint32_t local[3] = {i % size[0], (i / size[0]) % size[1], i / (size[0] * size[1])};
     for (int d = 0; d < 3; ++d) {
@@ -268,22 +271,22 @@ void run_threadgroup(Launch* L, const hnet_emu_launch_config* cfg, const uint32_
     bool resolved = resolve_simdgroups(L);
     if (ran || resolved) continue;
     int live = 0, at_barrier = 0;
-    const void* site = nullptr;
+    const Fiber* first = nullptr;
     bool same_site = true;
     for (int i = 0; i < n; ++i) {
       const Fiber& f = L->fibers[i];
       if (f.state == DONE) continue;
       live++;
       if (f.state == WAIT_TG_BARRIER) {
-        if (at_barrier == 0) site = f.site;
-        same_site &= f.site == site;
+        if (at_barrier == 0) first = &f;
+        same_site &= f.site == first->site;
         at_barrier++;
       }
     }
     if (live == 0) break;
     if (at_barrier == live) {
       if (live < n)
-        report("threadgroup_barrier at " + fmt_site(site) + " reached by " + std::to_string(live) + " of " +
+        report("threadgroup_barrier at " + fmt_site(*first) + " reached by " + std::to_string(live) + " of " +
                std::to_string(n) + " threads of a threadgroup; the others returned before it (barrier divergence)");
       if (!same_site) report("threads of one threadgroup wait at different threadgroup_barrier calls (barrier divergence)");
       for (int i = 0; i < n; ++i)
@@ -300,9 +303,11 @@ void run_threadgroup(Launch* L, const hnet_emu_launch_config* cfg, const uint32_
 
 extern "C" {
 
-void hnet_emu_collective(hnet_emu_collective_fn fn, const void* in, int size, int32_t arg, void* out) {
+void hnet_emu_collective(hnet_emu_collective_fn fn, const void* in, int size, int32_t arg, void* out, intptr_t site,
+                         int line) {
   Fiber& f = current_fiber();
-  f.site = __builtin_return_address(0);
+  f.site = site ? site : (intptr_t)__builtin_return_address(0);
+  f.line = line;
   f.fn = fn;
   f.arg = arg;
   memset(f.in, 0, kSlot);
@@ -312,9 +317,10 @@ void hnet_emu_collective(hnet_emu_collective_fn fn, const void* in, int size, in
   memcpy(out, current_fiber().out, size);
 }
 
-void hnet_emu_barrier(int scope) {
+void hnet_emu_barrier(int scope, intptr_t site, int line) {
   Fiber& f = current_fiber();
-  f.site = __builtin_return_address(0);
+  f.site = site ? site : (intptr_t)__builtin_return_address(0);
+  f.line = line;
   f.state = scope == 0 ? WAIT_TG_BARRIER : WAIT_SIMD_BARRIER;
   yield_to_scheduler();
 }

@@ -40,10 +40,13 @@ typedef void (*hnet_emu_collective_fn)(const unsigned char* active, const unsign
                                        const int32_t* arg, unsigned char* out);
 
 // Called by a thread (fiber): blocks until every live lane of its simdgroup waiting at the
-// same call site has arrived, then runs `fn` over them.
-void hnet_emu_collective(hnet_emu_collective_fn fn, const void* in, int size, int32_t arg, void* out);
-// threadgroup_barrier (scope 0) or simdgroup_barrier (scope 1).
-void hnet_emu_barrier(int scope);
+// same call site has arrived, then runs `fn` over them. `site` identifies the call (one per
+// textual occurrence in the source; 0: use the return address), `line` is its source line (-1:
+// unknown) for messages.
+void hnet_emu_collective(hnet_emu_collective_fn fn, const void* in, int size, int32_t arg, void* out, intptr_t site,
+                         int line);
+// threadgroup_barrier (scope 0) or simdgroup_barrier (scope 1), with site and line as above.
+void hnet_emu_barrier(int scope, intptr_t site, int line);
 // Shared storage for a `threadgroup` declaration: one block per declaration site and threadgroup,
 // poisoned before first use and fenced by guard zones.
 void* hnet_emu_tg_alloc(const void* site, size_t bytes, size_t align, const char* name);
