@@ -373,3 +373,28 @@ def test_self_test_reports_a_broken_kernel():
     report = hk.self_test(broken)
     assert "differs from the pure-MLX path" in report["ssd_scan"]
     assert report["ssm_step"] is None and report["ema_dechunk"] is None
+
+
+def test_factory_selection_is_scoped_and_explicit_factory_wins():
+    assert isinstance(hk.current_factory(), hk.MetalFactory)
+    assert hk.is_available() == METAL
+    explicit = hk.EmulatorFactory(orders=1)
+    with hk.emulated() as outer:
+        assert hk.current_factory() is outer and hk.is_available()
+        with hk.use_factory(explicit):
+            assert hk.current_factory() is explicit
+        assert hk.current_factory() is outer
+        assert hk.current_factory(explicit) is explicit
+    assert isinstance(hk.current_factory(), hk.MetalFactory)
+
+
+def test_mlx_dispatch_routes_use_kernels_on_to_the_active_factory():
+    """hnet_mlx.kernels with mode="on" calls hnet_metal_kernels, which runs on the emulator here."""
+    x, dt, A, B, C, D, seq, init = _ssd_inputs(1, 9, 2, 32, 16, 1, F32, False, False, False)
+    with hk.emulated(orders=1) as fac:
+        y, _ = mlx_kernels.ssd_scan(x, dt, A, B, C, 4, D, mode="on")
+        mx.eval(y)
+    assert "hnet_ssd_chunk_scan" in fac.kernel_names()
+    close(y, ref.ssd_chunk_scan(x, dt, A, B, C, 4, D)[0], 2e-5, "y")
+    if not METAL:  # auto never picks the kernels without Metal, emulator or not
+        assert not mlx_kernels.use_fused("auto", "ssd_scan")
