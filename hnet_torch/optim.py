@@ -67,17 +67,21 @@ def save_optimizer(model, optimizer, path: str | None) -> None:
 
 def load_optimizer(model, optimizer, path: str) -> None:
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if not os.path.exists(path):
         from hnet_core.errors import HNetError
 
         raise HNetError(f"optimizer state not found: {path}; the checkpoint is incomplete")
     flat = load_file(path)
-    current = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     state: dict = {}
     for key, value in flat.items():
         name, field = key.rsplit(".", 1)
         state.setdefault(name, {})[field] = value
-    current["state"] = state
-    set_optimizer_state_dict(model, optimizer, current, options=StateDictOptions(full_state_dict=True))
+    # Every process reads the file, so each builds the full (name-keyed) state dict itself; under
+    # FSDP set_optimizer_state_dict keeps only its own shard.
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))

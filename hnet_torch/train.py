@@ -104,7 +104,13 @@ class TorchBackend:
         config.multipliers_for(model.config.num_levels)  # validate early
         self.module = self.model
         if world > 1 and fsdp:
+            import warnings
+
             from torch.distributed.fsdp import fully_shard
+
+            # Blocks return views of their fp32 residual stream; nothing here modifies a block
+            # output in place (every residual add is out of place), which is what FSDP2 warns about.
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
 
             for m in self.model.modules():
                 if isinstance(m, Block):

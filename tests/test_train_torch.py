@@ -248,7 +248,10 @@ def test_cli_data_errors_are_one_line(tmp_path):
 # -- multi-process -----------------------------------------------------------------------------
 
 
-def test_torchrun_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path, mode):
+    """torchrun --nproc-per-node 2 (gloo) with DDP or FSDP2 vs one process, global batch 4, 4 steps:
+    same losses (1e-5) and weights (atol 2e-5)."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
         pytest.skip("torchrun not installed")
@@ -256,7 +259,7 @@ def test_torchrun_two_cpu_processes_equal_one_process_with_the_same_global_batch
     train(cfg, None, data, str(tmp_path / "one"), tc, show_progress=False)
     args = ["--config", cfg, "--data", data, "--out", str(tmp_path / "two"), "--steps", "4", "--batch-size", "4",
             "--seq-len", "64", "--lr", "3e-3", "--warmup", "5", "--val-fraction", "0", "--log-every", "1",
-            "--save-every", "2"]
+            "--save-every", "2", *(["--fsdp"] if mode == "fsdp" else [])]
     proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "hnet_torch.train", *args],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
@@ -267,3 +270,22 @@ def test_torchrun_two_cpu_processes_equal_one_process_with_the_same_global_batch
     la = [r["loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert np.allclose(la, lb, atol=1e-5), (la, lb)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_matches_an_uninterrupted_fsdp_run(tmp_path):
+    """FSDP2 under torchrun (2 CPU processes): 4 steps straight vs 2 + resume + 2 give equal weights."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    cfg, data, _ = tiny_run(tmp_path, config_2stage)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    base = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "hnet_torch.train", "--config", cfg, "--data", data,
+            "--steps", "4", "--batch-size", "4", "--seq-len", "64", "--fsdp", "--save-every", "2", "--val-fraction", "0"]
+    for extra in (["--out", str(tmp_path / "a")], ["--out", str(tmp_path / "b"), "--stop-at", "2"],
+                  ["--out", str(tmp_path / "b"), "--resume"]):
+        proc = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
