@@ -17,7 +17,6 @@ never overwritten without --force. mlx-to-torch moves axes only, so fp32 round t
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 
 import click
@@ -33,7 +32,6 @@ from hnet_core.official import check_shapes, config_for_weights
 from . import loading
 from .lm import HNetForCausalLM
 
-HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.uint32: "uint32"}
 
 
@@ -71,24 +69,6 @@ def _read_pt(path: str) -> dict[str, mx.array]:
     return {k: _torch_to_mx(v.detach().cpu().contiguous()) for k, v in read_torch_checkpoint(path).items()}
 
 
-def fetch_hf_repo(repo_id: str, revision: str | None = None) -> str:
-    """Local snapshot directory of a Hugging Face repo (downloaded into the HF cache if needed)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise HNetError(f"{repo_id!r} looks like a Hugging Face repo id; install huggingface_hub to fetch it "
-                        "(pip install 'hnet-mlx[hub]') or give a local path") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-                                 local_files_only=offline,
-                                 allow_patterns=["*.json", "*.pt", "*.pth", "*.bin", "*.safetensors"])
-    except Exception as e:
-        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise HNetError(f"cannot fetch {repo_id!r} {where}: {reason}") from None
-
-
 def _checkpoint_in(directory: str) -> str:
     """The single .pt-like file of a downloaded repo."""
     found = sorted(f for f in os.listdir(directory) if f.endswith(loading.TORCH_SUFFIXES))
@@ -103,8 +83,8 @@ def read_source(src: str, config_path: str | None = None, revision: str | None =
     """(weights in MLX layout, config, description) from a .pt, a model directory or a HF repo id."""
     description = src
     if not os.path.exists(src):
-        if HF_REPO_ID.match(src) and not src.startswith((".", "/")):
-            directory = fetch_hf_repo(src, revision)
+        if loading.looks_like_repo_id(src):
+            directory = loading.fetch_hf_repo(src, revision)
             description = f"{src} (Hugging Face, {directory})"
             src = directory if io.is_model_dir(directory) else _checkpoint_in(directory)
             if config_path is None and not io.is_model_dir(directory):

@@ -1,6 +1,7 @@
 """Loading and saving MLX weights: our safetensors model directory (and nothing that needs torch).
 
     model, config = load("model_dir/")                 # config.json + model.safetensors (or sharded)
+    model, config = load("someone/hnet-mlx-4bit")     # a converted model on the Hugging Face Hub
     model = load_pretrained("model_dir/", dtype="float16")
     save_pretrained(model, "model_dir/")               # atomic, sharded above 5 GB
 
@@ -15,6 +16,7 @@ Every problem (missing file, truncated file, wrong tensors, wrong config) is one
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 
 import mlx.core as mx
@@ -30,6 +32,7 @@ from .lm import HNetForCausalLM
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Layers that stay in full precision when quantizing: the routing projections decide the chunk
 # boundaries (p > 0.5 is a hard threshold, so small errors flip boundaries) and residual_proj is
 # computed in fp32 by design (official). Both are d x d, a small share of the parameters.
@@ -117,6 +120,31 @@ def quantize_model(model: HNetForCausalLM, quantization: dict, weights: dict[str
 # -- reading ----------------------------------------------------------------------------------
 
 
+def looks_like_repo_id(path: str) -> bool:
+    """'owner/name' that is not a local path: a Hugging Face repo id."""
+    return bool(HF_REPO_ID.match(path)) and not path.startswith((".", "/")) and not os.path.exists(path)
+
+
+def fetch_hf_repo(repo_id: str, revision: str | None = None) -> str:
+    """Local snapshot directory of a Hugging Face repo (downloaded into the HF cache if needed).
+    HF_HUB_OFFLINE=1 reads the cache only; HF_HUB_CACHE chooses the cache directory."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise HNetError(f"{repo_id!r} looks like a Hugging Face repo id; install huggingface_hub to fetch it "
+                        "(pip install 'hnet-mlx[hub]') or give a local path") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                 local_files_only=offline,
+                                 allow_patterns=["*.json", "*.pt", "*.pth", "*.bin", "*.safetensors"])
+    except Exception as e:
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise HNetError(f"{repo_id!r} is not a local path, and fetching it as a Hugging Face repo {where} failed: "
+                        f"{reason}") from None
+
+
 def is_torch_checkpoint(path: str) -> bool:
     return os.path.isfile(path) and (path.endswith(TORCH_SUFFIXES) or zipfile.is_zipfile(path))
 
@@ -136,6 +164,8 @@ def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig
                  ) -> tuple[dict[str, mx.array], HNetConfig]:
     """(weights in MLX layout, config) from one of our model directories, shapes checked."""
     path = os.fspath(path)
+    if looks_like_repo_id(path):  # an already converted MLX model on the Hugging Face Hub
+        path = fetch_hf_repo(path)
     if not os.path.exists(path):
         raise HNetError(f"model not found: {path} (give a model directory made by `hnet convert torch-to-mlx`)")
     if is_torch_checkpoint(path):

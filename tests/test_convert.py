@@ -191,6 +191,17 @@ def test_hugging_face_repo_id_is_read_from_the_offline_cache(tmp_path, monkeypat
     assert np.abs(np_(out.logits) - expected["single_L37.logits"]).max() <= 1e-4
 
 
+def test_mlx_load_takes_a_repo_id_of_a_converted_model(tmp_path, monkeypatch, mlx_fixture_dir):
+    snap = tmp_path / "hub" / "models--someone--hnet-tiny-mlx" / "snapshots" / ("a" * 40)
+    shutil.copytree(mlx_fixture_dir, snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, config = hnet_mlx.load("someone/hnet-tiny-mlx")
+    assert config.d_model == [64, 96]
+
+
 def test_unknown_repo_id_offline_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
