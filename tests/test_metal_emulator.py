@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 
 from hnet_metal_kernels import sources
-from hnet_metal_kernels.emulator import EmulatorCompileError, EmulatorError, build_signature, clang, metal_kernel
+from hnet_metal_kernels.emulator import (
+    EmulatorCompileError,
+    EmulatorError,
+    build_signature,
+    clang,
+    compiler_available,
+    metal_kernel,
+)
 from hnet_metal_kernels.emulator.signature import mlx_generated_source
+
+pytestmark = pytest.mark.skipif(not compiler_available(), reason="the Metal emulator needs g++ (apt-get install g++)")
 
 needs_clang = pytest.mark.skipif(clang() is None, reason="clang++ not installed (apt-get install clang): address-space check unavailable")
 

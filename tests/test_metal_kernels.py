@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import hnet_metal_kernels as hk
-from hnet_metal_kernels.emulator import EmulatorError, clang
+from hnet_metal_kernels.emulator import EmulatorError, clang, compiler_available
 from hnet_mlx import kernels as mlx_kernels
 from hnet_mlx import ssd as ref
 
@@ -28,7 +28,14 @@ METAL = bool(mx.metal.is_available())
     pytest.param("metal", marks=[pytest.mark.metal, pytest.mark.skipif(not METAL, reason="needs Apple silicon (Metal)")]),
 ])
 def factory(request):
-    return hk.EmulatorFactory() if request.param == "emulator" else hk.MetalFactory()
+    if request.param == "metal":
+        return hk.MetalFactory()
+    if not compiler_available():
+        pytest.skip("the Metal emulator needs g++ (apt-get install g++)")
+    return hk.EmulatorFactory()
+
+
+needs_emulator = pytest.mark.skipif(not compiler_available(), reason="the Metal emulator needs g++ (apt-get install g++)")
 
 
 def rng_arrays(seed: int):
@@ -275,6 +282,7 @@ def test_ema_dechunk_forward_and_gradients_match_pure_mlx(case, factory):
 # -- every kernel passes the clang address-space check ---------------------------------------
 
 
+@needs_emulator
 @pytest.mark.skipif(clang() is None, reason="clang++ not installed (apt-get install clang): address-space check unavailable")
 def test_every_kernel_passes_the_address_space_check():
     """Forward and backward of every wrapper, with the check forced on (it also runs by default
@@ -315,6 +323,7 @@ def _small_step_inputs():
             normal(2, 1, 16), normal(2))
 
 
+@needs_emulator
 def test_off_by_one_index_in_ssm_step_is_reported():
     args = _small_step_inputs()
     hk.ssm_step(*args, factory=hk.EmulatorFactory())  # the shipped kernel is clean
@@ -325,6 +334,7 @@ def test_off_by_one_index_in_ssm_step_is_reported():
     assert "past the end of output 'new_state'" in text and "differs between" in text
 
 
+@needs_emulator
 def test_missing_barrier_in_ssd_backward_is_reported():
     x, dt, A, B, C, D, seq, init = _ssd_inputs(1, 9, 2, 32, 16, 1, F32, True, False, False)
     broken = Mutated("hnet_ssd_chunk_scan_bwd_x", "threadgroup_barrier(mem_flags::mem_threadgroup);", "")
@@ -332,6 +342,7 @@ def test_missing_barrier_in_ssd_backward_is_reported():
         mx.eval(mx.grad(lambda x: hk.ssd_scan(x, dt, A, B, C, 4, D, seq, factory=broken)[0].sum())(x))
 
 
+@needs_emulator
 def test_missing_barrier_in_ema_backward_is_reported():
     values, p, chunk_index, seq = _ema_inputs(1, 20, 70, F32, False)
     broken = Mutated("hnet_ema_dechunk_bwd", "threadgroup_barrier(mem_flags::mem_threadgroup);", "")
@@ -339,6 +350,7 @@ def test_missing_barrier_in_ema_backward_is_reported():
         mx.eval(mx.grad(lambda q: hk.ema_dechunk(values, q, chunk_index, seq, factory=broken).sum())(p))
 
 
+@needs_emulator
 def test_out_of_bounds_write_in_conv_step_is_reported():
     """A launch rounded up to whole simdgroups over a body without a bounds check."""
     _, normal = rng_arrays(9)
@@ -351,6 +363,7 @@ def test_out_of_bounds_write_in_conv_step_is_reported():
                output_shapes=[(2, 40), (2, 40, 4)], output_dtypes=[F32, F32])
 
 
+@needs_emulator
 def test_barrier_divergence_in_ema_backward_is_reported():
     """A bounds check by early return, with the grid rounded up: returned threads skip the barrier."""
     values, p, chunk_index, seq = _ema_inputs(1, 20, 40, F32, False)
@@ -368,6 +381,7 @@ def test_self_test_passes_for_the_shipped_kernels(factory):
     assert all(problem is None for problem in report.values()), report
 
 
+@needs_emulator
 def test_self_test_reports_a_broken_kernel():
     broken = Mutated("hnet_ssd_chunk_scan", "y[xi] = acc + Dh * xv;", "y[xi] = acc;")  # drops the D skip term
     report = hk.self_test(broken)
@@ -375,6 +389,7 @@ def test_self_test_reports_a_broken_kernel():
     assert report["ssm_step"] is None and report["ema_dechunk"] is None
 
 
+@needs_emulator
 def test_factory_selection_is_scoped_and_explicit_factory_wins():
     assert isinstance(hk.current_factory(), hk.MetalFactory)
     assert hk.is_available() == METAL
@@ -388,6 +403,7 @@ def test_factory_selection_is_scoped_and_explicit_factory_wins():
     assert isinstance(hk.current_factory(), hk.MetalFactory)
 
 
+@needs_emulator
 def test_mlx_dispatch_routes_use_kernels_on_to_the_active_factory():
     """hnet_mlx.kernels with mode="on" calls hnet_metal_kernels, which runs on the emulator here."""
     x, dt, A, B, C, D, seq, init = _ssd_inputs(1, 9, 2, 32, 16, 1, F32, False, False, False)

@@ -13,12 +13,15 @@ import pytest
 from mlx.utils import tree_flatten
 
 import hnet_metal_kernels as hk
+from hnet_metal_kernels.emulator import compiler_available
 import hnet_mlx
 from hnet_core.tokenizer import encode
 from hnet_mlx.generate import batch_prompts
 
 from conftest import TEXT, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
+
+pytestmark = pytest.mark.skipif(not compiler_available(), reason="the Metal emulator needs g++ (apt-get install g++)")
 
 ROWS = [TEXT[:61], TEXT[100:131], TEXT[140:147]]  # ragged: padding at every inner level too
 

@@ -6,7 +6,7 @@ launch.py and runtime.cpp) and problems raise `EmulatorError`. `check_address_sp
 clang++ address-space check on the generated source.
 """
 
-from .build import EmulatorCompileError, cache_dir, check_address_spaces, clang
+from .build import EmulatorCompileError, cache_dir, check_address_spaces, clang, compiler_available
 from .launch import EmulatedKernel, EmulatorError, LaunchRecord, metal_kernel
 from .signature import Signature, build_signature
 
@@ -20,5 +20,6 @@ __all__ = [
     "cache_dir",
     "check_address_spaces",
     "clang",
+    "compiler_available",
     "metal_kernel",
 ]

@@ -47,8 +47,17 @@ def cache_dir() -> Path:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(base, "hnet_metal_emulator")
     path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: a per-user temp dir still caches within this machine
+        path = Path(tempfile.gettempdir()) / f"hnet_metal_emulator-{os.getuid()}"
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def compiler_available() -> bool:
+    """Whether the emulator can build kernels here (it needs g++ or $CXX)."""
+    return bool(os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++"))
 
 
 def gxx() -> str:
