@@ -76,13 +76,13 @@ def measure_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     cache = model.allocate_inference_cache(batch_size=1, max_seqlen=prompt_bytes + steps + 8)
     mx.eval(model(mx.array(ids[:, :prompt_bytes]), cache=cache).logits)
     for t in range(prompt_bytes, prompt_bytes + 4):  # warm-up steps (trace the compiled step)
-        np.array(model.step(ids[:, t : t + 1], cache).logits)
+        np.array(model.step(ids[:, t : t + 1], cache).logits.astype(mx.float32))
     start = prompt_bytes + 4
     boundaries = 0
     t0 = time.perf_counter()
     for t in range(start, start + steps):
         out = model.step(ids[:, t : t + 1], cache)
-        np.array(out.logits)
+        np.array(out.logits.astype(mx.float32))
         boundaries += int(np.array(out.routing[0].boundary_mask).sum())
     seconds = time.perf_counter() - t0
     return {"bytes": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps,
@@ -138,7 +138,7 @@ def main() -> None:
         d = [results.get(f"{key}/decode/{s}") for s in args.step_modes]
         if p and all(d):
             rates = " / ".join(f"{x['bytes_per_s']:.2f}" for x in d)
-            print(f"| {dtype_name} | {p['bytes_per_s']:.1f} | {rates} | {p['peak_memory'] / 1e9:.2f} / "
+            print(f"| {dtype_name} | {p['bytes_per_s']:.1f} ({p['bytes']} B) | {rates} | {p['peak_memory'] / 1e9:.2f} / "
                   f"{d[0]['peak_memory'] / 1e9:.2f} GB | {p['boundary_rate']:.2f} / {d[0]['boundary_rate']:.2f} |")
 
 

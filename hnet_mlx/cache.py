@@ -109,6 +109,13 @@ def with_arrays(state: Any, arrays: list[mx.array]) -> Any:
     return new
 
 
+def skeleton(state: Any) -> Any:
+    """A copy of `state` with every array replaced by a 0-d placeholder: the structure (ring flags,
+    nesting) a compiled step needs, without keeping the cache's memory alive."""
+    placeholder = mx.array(0)
+    return with_arrays(state, [placeholder] * len(state_arrays(state)))
+
+
 def _rebuild(node: Any, it) -> Any:
     if isinstance(node, mx.array):
         return next(it)

@@ -126,7 +126,9 @@ def _summary(source: str, destination: str, weights: dict[str, mx.array], config
              disk_bytes: int, quantization: dict | None) -> ConversionSummary:
     logical = loading.logical_shapes(weights, quantization)
     parameters = sum(int(np.prod(s)) for s in logical.values())
-    dtypes = sorted({DTYPE_NAMES.get(w.dtype, str(w.dtype)) for w in weights.values()})
+    dtypes = sorted({DTYPE_NAMES.get(w.dtype, str(w.dtype)) for w in weights.values() if w.dtype != mx.uint32})
+    if quantization is not None:
+        dtypes.append("quantized weights packed in uint32")
     return ConversionSummary(source, destination, parameters, dtypes, disk_bytes, config, quantization)
 
 

@@ -24,6 +24,8 @@ from hnet_core.tokenizer import encode
 
 from .lm import HNetForCausalLM
 
+CACHE_ROUNDING = 128
+
 
 def batch_prompts(prompts: Sequence[str | bytes]) -> tuple[mx.array, mx.array]:
     """BOS + bytes per prompt, right-padded with 0: ids (B, L) int32 and mask (B, L) bool."""
@@ -71,7 +73,9 @@ def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str 
 
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=ids.shape[1] + max_tokens)
+    # Cache lengths rounded up, so prompts of similar lengths share one compiled decode step.
+    max_seqlen = -(-(ids.shape[1] + max_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
+    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=max_seqlen)
     out = model(ids, mask=mask, cache=cache)
     last = mx.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
     last = np.array(last.astype(mx.float32))

@@ -26,11 +26,12 @@ from mlx.utils import tree_flatten
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 
-from .cache import HNetState, InferenceCache, state_arrays, with_arrays
+from .cache import HNetState, InferenceCache, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
 
 STEP_MODES = ("auto", "fused", "split")
+MAX_COMPILED_STEPS = 32  # compiled step functions kept per model (fused: 1 per cache shape; split: 2 per level)
 INT_DTYPES = (mx.int64, mx.int32, mx.int16, mx.int8, mx.uint8, mx.uint16, mx.uint32, mx.uint64)
 
 
@@ -233,7 +234,7 @@ class HNetForCausalLM(nn.Module):
         key = (cache.batch_size, cache.max_seqlen, self.compile_step)
         fn = self._step_fns.get(key)
         if fn is None:
-            template = cache.backbone  # only its structure (ring flags) is read; shapes are per call
+            template = skeleton(cache.backbone)  # only its structure (ring flags) is read; shapes are per call
 
             def step_arrays(input_ids: mx.array, arrays: list[mx.array]):
                 state = with_arrays(template, arrays[1:])
@@ -249,24 +250,32 @@ class HNetForCausalLM(nn.Module):
 
             # The parameters are implicit inputs, so updated weights are seen without recompiling.
             fn = mx.compile(step_arrays, inputs=self.state) if self.compile_step else step_arrays
-            self._step_fns[key] = fn
+            self._remember(key, fn)
         return fn
+
+    def _remember(self, key: tuple, fn) -> None:
+        """Keep the most recent compiled steps only (each cache shape traces its own)."""
+        if len(self._step_fns) >= MAX_COMPILED_STEPS:
+            self._step_fns.pop(next(iter(self._step_fns)))
+        self._step_fns[key] = fn
 
     # -- the "split" decode step ---------------------------------------------------------------
 
-    def _piece(self, key: tuple, body, template: list):
+    def _piece(self, key: tuple, body, states: list):
         """A (compiled) function of (tensors, state arrays) -> (outputs, new state arrays) running
-        `body(tensors, states)` on a copy of `template` (a list of state dataclasses) holding the arrays."""
+        `body(tensors, states)` on a copy of `states` (a list of state dataclasses) holding the arrays."""
         key = ("split", *key, self.compile_step)
         fn = self._step_fns.get(key)
         if fn is None:
+            template = skeleton(states)
+
             def run(tensors: list, arrays: list):
                 states = with_arrays(template, arrays)
                 outputs = body(tensors, states)
                 return outputs, state_arrays(states)
 
             fn = mx.compile(run, inputs=self.state) if self.compile_step else run
-            self._step_fns[key] = fn
+            self._remember(key, fn)
         return fn
 
     def _split_step(self, input_ids: mx.array, cache: InferenceCache):
