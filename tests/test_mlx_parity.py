@@ -135,3 +135,26 @@ def test_bfloat16_forward_stays_close_to_float32(pair):
     valid = np.array(mmask)
     # bf16 has 8 mantissa bits; a flipped boundary moves logits more, so only a loose bound holds.
     assert np.abs(np_(out.logits) - np_(ref))[valid].mean() <= 0.1
+
+
+def test_lr_multipliers_name_the_same_levels_as_torch(small_config):
+    tm = random_torch_model(small_config)
+    mm = mlx_from_torch(tm)
+    mults = [3.0, 2.0, 1.5, 1.0][: small_config.num_levels]
+    torch_map = tm.lr_multipliers(mults)
+    mlx_map = mm.lr_multipliers(mults)
+    assert mlx_map == torch_map
+
+
+def test_init_weights_follows_the_official_scheme(small_config):
+    mm = hnet_mlx.HNetForCausalLM(small_config)
+    mm.init_weights()
+    params = dict(mlx_tree_flatten(mm.parameters()))
+    d0 = small_config.d_model[0]
+    assert np.array_equal(np.array(params["backbone.routing_module.q_proj_layer.weight"]), np.eye(d0))
+    assert not np.array(params["backbone.residual_proj.weight"]).any()
+    assert abs(float(np.array(params["embeddings.weight"]).std()) - 1.0) < 0.1
+    assert abs(float(np.array(params["lm_head.weight"]).std()) - 0.02) < 0.005
+    fc = np.array(params["backbone.encoder.layers.0.mixer.in_proj.weight"]).std()
+    out = np.array(params["backbone.encoder.layers.0.mixer.out_proj.weight"]).std()
+    assert abs(fc - 0.02) < 0.004 and out < fc  # out_proj is scaled down by 1/sqrt(residual branches)
