@@ -7,8 +7,11 @@ lets each query see w previous keys and itself (flash-attn window (w, -1)); -1 i
 
 MLX layout: q/k/v and the KV cache are (B, heads, L, head_dim), what mx.fast SDPA and rope take.
 Rotary uses `mx.fast.rope` (traditional=False = GPT-NeoX halves) with a per-sample position
-offset, except in packed mode, where positions restart inside the row and cos/sin are computed
-explicitly (`rotary_cos_sin` / `apply_rotary`, the same formula).
+offset, given the wavelengths `rotary_wavelengths` computed like torch's inv_freq denominators:
+with `base=` instead, MLX's own angle rounding drifts from torch's by ~1e-4 at position 3000 and
+~1e-3 at 60000; with `freqs=` it matches the explicit formula bit for bit. In packed mode
+positions restart inside the row, so cos/sin are computed explicitly (`rotary_cos_sin` /
+`apply_rotary`, the same formula).
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from . import kernels
 from .cache import AttentionState
 
 
+def rotary_wavelengths(rotary_dim: int, base: float = 10000.0) -> mx.array:
+    """base^(2i/r), fp32: 1 / inv_freq of flash-attn's RotaryEmbedding (what mx.fast.rope's freqs= takes)."""
+    return base ** (mx.arange(0, rotary_dim, 2, dtype=mx.float32) / rotary_dim)
+
+
 def rotary_cos_sin(positions: mx.array, rotary_dim: int, base: float = 10000.0):
     """cos, sin of shape positions.shape + (rotary_dim // 2,), fp32 (flash-attn RotaryEmbedding)."""
-    inv_freq = 1.0 / (base ** (mx.arange(0, rotary_dim, 2, dtype=mx.float32) / rotary_dim))
+    inv_freq = 1.0 / rotary_wavelengths(rotary_dim, base)
     angles = positions.astype(mx.float32)[..., None] * inv_freq
     return mx.cos(angles), mx.sin(angles)
 
@@ -77,7 +85,8 @@ class CausalMHA(nn.Module):
                 cos, sin = rotary_cos_sin(positions, self.rotary_emb_dim, self.rotary_base)
                 q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             else:
-                rope = dict(traditional=False, base=self.rotary_base, scale=1.0, offset=offset)
+                freqs = rotary_wavelengths(self.rotary_emb_dim, self.rotary_base)
+                rope = dict(traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
                 q = mx.fast.rope(q, self.rotary_emb_dim, **rope)
                 k = mx.fast.rope(k, self.rotary_emb_dim, **rope)
         return q, k, v

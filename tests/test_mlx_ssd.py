@@ -121,3 +121,21 @@ def test_segsum_matches_definition():
         for j in range(6):
             want = x[:, j + 1 : i + 1].sum(-1) if j <= i else -np.inf
             np.testing.assert_allclose(out[:, i, j], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("offsets", [[0, 7], [1000, 3000], [20000, 60000]])
+def test_rope_with_per_sample_offsets_matches_torch_rotary_at_any_position(offsets):
+    import torch
+
+    from hnet_mlx.attention import CausalMHA
+    from hnet_torch.attention import apply_rotary as torch_rotary, rotary_cos_sin as torch_cos_sin
+
+    attn = CausalMHA(64, 4, rotary_emb_dim=8)
+    x = mx.array(RNG.standard_normal((2, 5, 64)).astype(np.float32))
+    q, k, _ = attn._qkv(x, offset=mx.array(offsets))  # (b, h, l, d) through mx.fast.rope
+    raw = np.array(attn.Wqkv(x)).reshape(2, 5, 3, 4, 16)
+    pos = torch.tensor(offsets)[:, None] + torch.arange(5)[None]
+    cos, sin = torch_cos_sin(pos, 8)
+    for got, idx in ((q, 0), (k, 1)):
+        want = torch_rotary(torch.tensor(raw[:, :, idx]), cos, sin).numpy()  # (b, l, h, d)
+        np.testing.assert_allclose(np.array(got).transpose(0, 2, 1, 3), want, atol=2e-6)
