@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--model", default="hnet_1stage_L")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     ap.add_argument("--step-modes", nargs="+", default=["split", "fused"])
+    ap.add_argument("--eager", action="store_true", help="decode with compile_step=False (to measure mx.compile)")
     ap.add_argument("--prefill-bytes", type=int, default=2048)
     ap.add_argument("--decode-prompt", type=int, default=64)
     ap.add_argument("--decode-bytes", type=int, default=48)
@@ -108,7 +109,7 @@ def main() -> None:
     text = sample_text(max(args.prefill_bytes, args.decode_prompt + args.decode_bytes + 8))
     blas = blas_in_use()
     for dtype_name in args.dtypes:
-        key = f"{args.model}/{dtype_name}/{blas}"
+        key = f"{args.model}/{dtype_name}/{blas}" + ("/eager" if args.eager else "")
         todo = [("prefill", None)] + [("decode", m) for m in args.step_modes]
         todo = [(m, s) for m, s in todo if f"{key}/{m}" + (f"/{s}" if s else "") not in results]
         if not todo:
@@ -118,7 +119,7 @@ def main() -> None:
             if m == "prefill":
                 res = measure_prefill(model, text[: args.prefill_bytes - 1], args.repeats)
             else:
-                model.step_mode = step_mode
+                model.step_mode, model.compile_step = step_mode, not args.eager
                 res = measure_decode(model, text, args.decode_prompt, args.decode_bytes)
             name = f"{key}/{m}" + (f"/{step_mode}" if step_mode else "")
             results[name] = res
@@ -133,7 +134,7 @@ def main() -> None:
           " boundary rate (prefill / decode) |")
     print("|---|---|---|---|---|")
     for dtype_name in args.dtypes:
-        key = f"{args.model}/{dtype_name}/{blas}"
+        key = f"{args.model}/{dtype_name}/{blas}" + ("/eager" if args.eager else "")
         p = results.get(f"{key}/prefill")
         d = [results.get(f"{key}/decode/{s}") for s in args.step_modes]
         if p and all(d):
