@@ -110,7 +110,7 @@ def main() -> None:
     blas = blas_in_use()
     for dtype_name in args.dtypes:
         key = f"{args.model}/{dtype_name}/{blas}" + ("/eager" if args.eager else "")
-        todo = [("prefill", None)] + [("decode", m) for m in args.step_modes]
+        todo = ([] if args.eager else [("prefill", None)]) + [("decode", m) for m in args.step_modes]
         todo = [(m, s) for m, s in todo if f"{key}/{m}" + (f"/{s}" if s else "") not in results]
         if not todo:
             continue
@@ -135,7 +135,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         key = f"{args.model}/{dtype_name}/{blas}" + ("/eager" if args.eager else "")
-        p = results.get(f"{key}/prefill")
+        p = results.get(f"{args.model}/{dtype_name}/{blas}/prefill")  # prefill has no compiled step
         d = [results.get(f"{key}/decode/{s}") for s in args.step_modes]
         if p and all(d):
             rates = " / ".join(f"{x['bytes_per_s']:.2f}" for x in d)
