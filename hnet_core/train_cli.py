@@ -51,9 +51,25 @@ _FLAGS = [
 FIELDS = [f for _, f, _ in _FLAGS]
 
 
-def train_options(func):
-    """Decorate a click command with the data/output flags and every TrainConfig flag."""
+def train_options(defaults: dict | None = None):
+    """Decorator: the data/output flags and every TrainConfig flag (help shows the command's defaults)."""
+    base = TrainConfig().to_dict()
+    base.update(defaults or {})
+
+    def decorate(func):
+        return _add_options(func, base)
+
+    return decorate
+
+
+def _add_options(func, base: dict):
     for flag, field, kw in reversed(_FLAGS):
+        value = base.get(field)
+        if value is None:
+            shown = "6 for 1 stage, 3 per stage otherwise" if field == "target_ratios" else "1 per level"
+        else:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        kw = {**kw, "help": f"{kw['help']}  [default: {shown}]"}
         func = click.option(flag, field, default=None, **kw)(func)
     func = click.option("--time-limit", "time_limit", type=float, default=None,
                         help="Stop this session after so many seconds (checkpoint saved; --resume continues).")(func)

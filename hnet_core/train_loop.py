@@ -207,30 +207,42 @@ class _StopRequest:
 
 
 class _Display:
-    """A rich progress bar with live metrics on a terminal; plain log lines otherwise."""
+    """A rich progress bar with a live metrics line under it on a terminal; plain log lines otherwise."""
 
     def __init__(self, total: int, start: int, enabled: bool, console=None):
         self.enabled = enabled
-        self.progress = None
+        self.live = None
+        self.info = ""
         if not enabled:
             return
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
         if self.console.is_terminal:
+            from rich.console import Group
+            from rich.live import Live
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.text import Text
 
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.console)
-            self.task = self.progress.add_task("train", total=total, completed=start, info="")
-            self.progress.start()
+            self.progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+            self.task = self.progress.add_task("train", total=total, completed=start)
+            display = self
+
+            class Info:
+                def __rich__(self):
+                    return Text(display.info, style="cyan")
+
+            self.live = Live(Group(self.progress, Info()), console=self.console, refresh_per_second=4)
+            self.live.start()
 
     def update(self, step: int, info: str | None, line: str | None) -> None:
         if not self.enabled:
             return
-        if self.progress is not None:
-            kw = {"info": info} if info is not None else {}
-            self.progress.update(self.task, completed=step, **kw)
+        if self.live is not None:
+            self.progress.update(self.task, completed=step)
+            if info is not None:
+                self.info = info
         elif line:
             self.console.print(line, highlight=False, soft_wrap=True)
 
@@ -239,8 +251,9 @@ class _Display:
             self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
 
 
 def _fmt_list(values: list[float], fmt: str = "{:.2f}") -> str:
@@ -282,6 +295,7 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
             backend.save(None)
         return last_saved
 
+    backend_targets = cfg.ratios_for(backend.num_stages)
     display = _Display(cfg.steps, step, show_progress and is_main, console)
     if plan.resume_from is not None:
         display.note(f"resumed from {plan.resume_from} at step {step}")
@@ -312,8 +326,10 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
                     window_bytes, window_start = 0, now
                 info = line = None
                 if record is not None:
-                    info = (f"loss {record['loss']:.3f} bpb {record['bpb']:.3f} | comp {_fmt_list(record['compression'])} "
-                            f"| {record['bytes_per_second']:,.0f} B/s | lr {lr:.2e} | gnorm {stats.grad_norm:.2f}")
+                    info = (f"loss {record['loss']:.3f} | bpb {record['bpb']:.3f} | boundary rate "
+                            f"{_fmt_list(rates, '{:.3f}')} | compression {_fmt_list(record['compression'])} "
+                            f"(target {_fmt_list(backend_targets, '{:g}')}) | {record['bytes_per_second']:,.0f} B/s "
+                            f"| lr {lr:.2e} | grad norm {stats.grad_norm:.2f}")
                     line = f"step {step}/{cfg.steps} {info}"
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     result = evaluate(backend, val_batches)

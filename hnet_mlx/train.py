@@ -307,7 +307,7 @@ def _with_common(f):
 
 @click.command("train")
 @click.option("--config", "config_path", default=None, help="Model config JSON (official format) to train from scratch.")
-@train_options
+@train_options(TRAIN_DEFAULTS)
 @_with_common
 @click.pass_context
 def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kernels, **options):
@@ -319,7 +319,7 @@ def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kern
 
 @click.command("finetune")
 @click.option("--model", "model_path", default=None, help="Model directory to fine-tune.")
-@train_options
+@train_options(FINETUNE_DEFAULTS)
 @click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights.")
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank.")
 @click.option("--lora-layers", default=None,

@@ -286,7 +286,7 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
 @click.command("train")
 @click.option("--config", "config_path", default=None, help="Model config JSON (official format) to train from scratch.")
 @click.option("--model", "model_path", default=None, help="Model directory or .pt to fine-tune (all weights).")
-@train_options
+@train_options(DEFAULTS)
 @click.option("--device", default=None, help="cpu, cuda or mps (default: cuda when available).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters/gradients/optimizer state (FSDP2).")
 @click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
