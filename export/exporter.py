@@ -1,0 +1,266 @@
+"""Writing an H-Net checkpoint as ONNX graphs plus everything the runtime needs.
+
+    export_onnx("hnet_1stage_L.pt", "onnx_dir/")
+
+writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
+    prefill.onnx        input_ids + mask -> logits, routing, every recurrent state
+    step.onnx           one byte per sample + states -> logits, routing, new states
+    step_cond.onnx      (with batch_variants) the same step, inner levels under an ONNX If
+    weights.onnx.data   (large models, or external_data=True) the weights, shared by all graphs
+    config.json         the model config (official JSON format)
+    export.json         opset, dtype, max_seqlen, versions of the exporter's packages
+    io.json             every graph input and output: name, dtype, shape, meaning
+
+The graphs come from torch.onnx.export(dynamo=True) of graph.PrefillGraph / graph.StepGraph (the
+TorchScript exporter bakes the data-dependent chunk counts into constants). This module imports
+torch; the runtime never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from hnet_core import io
+from hnet_core.config import HNetConfig
+from hnet_core.errors import HNetError
+from hnet_torch.lm import HNetForCausalLM
+from hnet_torch.loading import load_pretrained
+
+from .graph import PrefillGraph, StepGraph
+from .layout import BATCH, KV_SLOTS, LENGTH, TensorSpec, graph_io
+
+FORMAT_VERSION = 1
+DEFAULT_OPSET = 20
+MIN_OPSET = 18  # the dynamo exporter's function library starts at opset 18
+DEFAULT_MAX_SEQLEN = 8192  # H-Net's training context (bytes)
+DTYPES = ("float32", "float16")
+WEIGHTS_FILE = "weights.onnx.data"
+EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # share weights through one external file above 1 GiB
+_ALIGN = 64  # byte alignment of every tensor in the weights file (lets readers map it directly)
+
+# Example sizes used for tracing. They only need to differ from 0 and 1 (torch.export specialises
+# those) and from each other; the graphs are traced symbolically and work for any size.
+_EXAMPLE_BATCH = 2
+_EXAMPLE_LENGTH = 37
+_EXAMPLE_SLOTS = 23
+
+
+@dataclass
+class ExportResult:
+    directory: str
+    files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+    seconds: float = 0.0
+    external_data: bool = False
+
+
+def _dims(spec: TensorSpec) -> dict[int, str]:
+    return {i: a for i, a in enumerate(spec.shape) if isinstance(a, str)}
+
+
+def _example(spec: TensorSpec) -> torch.Tensor:
+    sizes = {BATCH: _EXAMPLE_BATCH, LENGTH: _EXAMPLE_LENGTH, KV_SLOTS: _EXAMPLE_SLOTS}
+    shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]
+    if spec.dtype == "int64":
+        return torch.full(shape, 3, dtype=torch.int64)
+    if spec.dtype == "bool":
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=getattr(torch, spec.dtype))
+
+
+def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int, varargs: bool):
+    args = tuple(_example(s) for s in inputs)
+    dims = tuple(_dims(s) for s in inputs)
+    if varargs:  # forward(input_ids, *states): dynamic shapes follow the signature's structure
+        dims = (dims[0], dims[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, None, input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+            opset_version=opset, dynamo=True, dynamic_shapes=dims, verbose=False,
+            # No onnxscript optimisation: its constant folding turns every Linear weight into a
+            # transposed copy with a generated name, so the graphs could no longer share one weights
+            # file (and a large model's .onnx would pass the 2 GB protobuf limit). onnxruntime folds
+            # those transposes itself when it loads the graph.
+            optimize=False,
+        )
+    _name_axes(program.model, inputs, outputs)
+    _strip_metadata(program.model)
+    return program.model
+
+
+def _strip_metadata(model: ir.Model) -> None:
+    """Drop the exporter's per-node provenance (FX node, stack trace with local paths): it is most of
+    a graph file's size and means nothing to a reader of the ONNX model."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+
+
+def _name_axes(model: ir.Model, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Give every dynamic axis of the graph's inputs and outputs its io.json name (the exporter
+    names data-dependent ones u0, u1, ...)."""
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    for value, spec in zip(values, inputs + outputs):
+        if value.name != spec.name:
+            raise AssertionError(f"graph value {value.name} is not {spec.name}")
+        dims = [ir.SymbolicDim(a) if isinstance(a, str) else a for a in spec.shape]
+        value.shape = ir.Shape(dims)
+
+
+class _SharedWeights:
+    """One external-data file holding each weight once, referenced by every graph."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, WEIGHTS_FILE)
+        self.entries: dict[str, tuple[int, int, ir.DataType, tuple]] = {}
+        self.file = open(self.path, "wb")
+
+    def externalize(self, model: ir.Model, names: set[str]) -> None:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if value.name not in names or tensor is None:
+                continue
+            key = (tensor.dtype, tuple(tensor.shape.numpy()))
+            if value.name not in self.entries:
+                data = tensor.tobytes()
+                offset = -(-self.file.tell() // _ALIGN) * _ALIGN
+                self.file.seek(offset)
+                self.file.write(data)
+                self.entries[value.name] = (offset, len(data), *key)
+            offset, length, dtype, shape = self.entries[value.name]
+            if (dtype, shape) != key:
+                raise AssertionError(f"weight {value.name} differs between graphs")
+            value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype, shape=ir.Shape(shape),
+                                                  name=value.name, base_dir=self.directory)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _save(model: ir.Model, path: str) -> None:
+    proto = ir.serde.serialize_model(model)
+    onnx.save_model(proto, path)
+    # full_check adds strict shape inference; given a path it also reads external data and > 2 GB.
+    onnx.checker.check_model(path, full_check=True)
+
+
+def _readable(directory: str) -> None:
+    """Temporary files and directories are created private (0600/0700); the export is a normal
+    output, so give it the usual permissions under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
+def _versions() -> dict[str, str]:
+    import onnxscript
+
+    import hnet_core
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+                "onnx_ir": ir.__version__, "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+
+        versions["hnet-mlx"] = version("hnet-mlx")
+    except Exception:
+        versions["hnet-mlx"] = getattr(hnet_core, "__version__", "unknown")
+    return versions
+
+
+def check_options(opset: int, dtype: str, max_seqlen: int) -> None:
+    latest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= latest:
+        raise HNetError(f"--opset must be between {MIN_OPSET} and {latest} (the installed onnx), got {opset}")
+    if dtype not in DTYPES:
+        raise HNetError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if max_seqlen < 2:
+        raise HNetError(f"--max-seqlen must be at least 2, got {max_seqlen}")
+
+
+def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET, max_seqlen: int = DEFAULT_MAX_SEQLEN,
+                 batch_variants: bool = False, force: bool = False, external_data: bool | None = None,
+                 log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a loaded hnet_torch model (its dtype is the export dtype) to `out_dir`."""
+    log = log or (lambda _msg: None)
+    dtype = {torch.float32: "float32", torch.float16: "float16"}.get(model.embeddings.weight.dtype)
+    if dtype is None:
+        raise HNetError(f"ONNX export supports float32 and float16 weights, got {model.embeddings.weight.dtype}")
+    check_options(opset, dtype, max_seqlen)
+    config: HNetConfig = model.config
+    model = model.eval()
+    weight_names = {k for k, v in model.state_dict().items() if v.numel() * v.element_size() >= 1024}
+    weight_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    if external_data is None:
+        external_data = weight_bytes >= EXTERNAL_DATA_AUTO_BYTES
+    graphs = [("prefill", PrefillGraph(model, max_seqlen), "prefill")]
+    graphs.append(("step", StepGraph(model, max_seqlen, "where"), "step"))
+    if batch_variants:
+        graphs.append(("step_cond", StepGraph(model, max_seqlen, "cond"), "step"))
+
+    start = time.perf_counter()
+    result = ExportResult(os.path.abspath(out_dir), external_data=external_data)
+    io_table: dict = {}
+    with io.atomic_directory(out_dir, force=force) as tmp:
+        shared = _SharedWeights(tmp) if external_data else None
+        try:
+            for name, module, kind in graphs:
+                log(f"exporting {name}.onnx ...")
+                inputs, outputs = graph_io(config, max_seqlen, dtype, kind)
+                with torch.no_grad():
+                    # The graph modules hold the model as `.model`, so weights are named `model.<param>`.
+                    onnx_model = _trace(module, inputs, outputs, opset, varargs=kind == "step")
+                if shared is not None:
+                    shared.externalize(onnx_model, {"model." + n for n in weight_names})
+                onnx_model.producer_name = "hnet-mlx"
+                _save(onnx_model, os.path.join(tmp, name + ".onnx"))
+                io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
+        finally:
+            if shared is not None:
+                shared.close()
+        config.to_json(os.path.join(tmp, io.CONFIG_NAME))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "opset": opset,
+            "dtype": dtype,
+            "max_seqlen": max_seqlen,
+            "graphs": {name: name + ".onnx" for name, _, _ in graphs},
+            "step_variants": {"step": "where", **({"step_cond": "cond"} if batch_variants else {})},
+            "external_data": WEIGHTS_FILE if external_data else None,
+            "num_stages": config.num_stages,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "exporter": _versions(),
+        }
+        io.atomic_write_text(os.path.join(tmp, "export.json"), json.dumps(meta, indent=2) + "\n")
+        io.atomic_write_text(os.path.join(tmp, "io.json"), json.dumps(io_table, indent=1) + "\n")
+        result.files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+        _readable(tmp)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset: int = DEFAULT_OPSET,
+                dtype: str = "float32", max_seqlen: int = DEFAULT_MAX_SEQLEN, batch_variants: bool = False,
+                force: bool = False, external_data: bool | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Load a checkpoint (official .pt or model directory) and export it; see the module docstring."""
+    check_options(opset, dtype, max_seqlen)
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        # Checked before the slow part too (atomic_directory checks again before writing).
+        raise HNetError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it")
+    model = load_pretrained(model_path, config=config, dtype=dtype)
+    return export_model(model, out_dir, opset=opset, max_seqlen=max_seqlen, batch_variants=batch_variants, force=force,
+                        external_data=external_data, log=log)

@@ -1,0 +1,237 @@
+"""Running an exported H-Net with onnxruntime and numpy only (no torch, no MLX).
+
+    from hnet_export import OnnxHNet
+    m = OnnxHNet("onnx_dir", provider="auto")      # "cpu" | "cuda" | "auto"
+    out = m.prefill(input_ids, mask)                # numpy in; out.logits (B, L, 256), out.routing[s]
+    out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
+
+The recurrent states (see io.json) stay inside the object between calls. On CUDA
+(onnxruntime-gpu) they stay on the device through I/O binding and only the logits and routing
+outputs come back to the host. Global attention caches are buffers of `capacity` slots that grow
+(doubling) as decoding goes on, up to the export's max_seqlen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from hnet_core.config import HNetConfig
+from hnet_core.errors import HNetError
+
+PROVIDERS = ("auto", "cpu", "cuda")
+STEP_VARIANTS = ("auto", "where", "cond")
+_MIN_CAPACITY = 64
+
+
+@dataclass
+class RoutingOutput:
+    boundary_prob: np.ndarray  # (B, L_s) float32: p_t of eq. 4 (NaN in a step where the stage did not run)
+    boundary_mask: np.ndarray  # (B, L_s) bool: the token starts a chunk
+    valid: np.ndarray  # (B, L_s) bool: real entries (prefill: within the row; step: the stage ran)
+
+
+@dataclass
+class OnnxOutput:
+    logits: np.ndarray  # (B, L, vocab) float32
+    routing: list[RoutingOutput]
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        raise HNetError(f"{path} not found; is this a directory written by `hnet export onnx`?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HNetError(f"{path} is not valid JSON ({e}); re-export the model") from None
+
+
+def _providers(provider: str) -> tuple[list[str], str]:
+    if provider not in PROVIDERS:
+        raise HNetError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if provider == "cuda" and not has_cuda:
+        raise HNetError("onnxruntime has no CUDA provider here; pip install onnxruntime-gpu (and a CUDA driver), "
+                        "or use provider='cpu'")
+    if provider == "cuda" or (provider == "auto" and has_cuda):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    return ["CPUExecutionProvider"], "cpu"
+
+
+class OnnxHNet:
+    def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
+                 step_variant: str = "auto", io_binding: bool | None = None):
+        """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
+        levels only when some sample is at a boundary; needs an export with --batch-variants) or
+        "auto" (cond at batch 1 on CPU when exported, else where). io_binding: keep states in
+        onnxruntime-owned buffers between steps (default: on for CUDA)."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
+        if step_variant not in STEP_VARIANTS:
+            raise HNetError(f"step_variant must be one of {', '.join(STEP_VARIANTS)}, got {step_variant!r}")
+        self.path = path
+        self.meta = _read_json(os.path.join(path, "export.json"))
+        self.io = _read_json(os.path.join(path, "io.json"))
+        self.config = HNetConfig.from_dict(_read_json(os.path.join(path, "config.json")))
+        self.max_seqlen = int(self.meta["max_seqlen"])
+        self.dtype = self.meta["dtype"]
+        self.num_stages = self.config.num_stages
+        providers, self.device = _providers(provider)
+        self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for name, file in self.meta["graphs"].items():
+            graph_path = os.path.join(path, file)
+            if not os.path.exists(graph_path):
+                raise HNetError(f"{graph_path} not found; re-export the model with `hnet export onnx`")
+            try:
+                self.sessions[name] = ort.InferenceSession(graph_path, options, providers=providers)
+            except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
+        if step_variant == "cond" and "step_cond" not in self.sessions:
+            raise HNetError("this export has no step_cond.onnx; re-export with --batch-variants or use step_variant='where'")
+        self.step_variant = step_variant
+        self._step_specs = {s["name"]: s for s in self.io["step"]["inputs"]}
+        self._state_names = [s["name"][len("past."):] for s in self.io["step"]["inputs"] if s["name"].startswith("past.")]
+        self._growable = [n for n in self._state_names if "kv_slots" in self._step_specs["past." + n]["shape"]]
+        self._states: dict | None = None
+        self._position = 0  # bytes consumed by the longest sample (its level-0 length)
+        self._capacity = 0
+        self._batch = 0
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _routing(self, outputs: list, first: int, step: bool) -> list[RoutingOutput]:
+        routing = []
+        for s in range(self.num_stages):
+            prob, mask, valid = outputs[first + 3 * s : first + 3 * s + 3]
+            prob = np.asarray(prob, dtype=np.float32)
+            valid = np.asarray(valid, dtype=bool)
+            if step:
+                prob = np.where(valid, prob, np.float32(np.nan))
+            routing.append(RoutingOutput(prob, np.asarray(mask, dtype=bool), valid))
+        return routing
+
+    def _check_ids(self, ids, what: str) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise HNetError(f"{what} must have shape (batch, length), got {ids.shape}")
+        if ids.size == 0:
+            raise HNetError(f"{what} is empty; give at least one byte per sample")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise HNetError(f"{what} must hold integers (bytes), got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise HNetError(f"{what} must hold byte values in [0, {self.config.vocab_size})")
+        return ids.astype(np.int64)
+
+    def _to_device(self, array: np.ndarray):
+        if not self.io_binding:
+            return np.ascontiguousarray(array)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def _to_host(self, value) -> np.ndarray:
+        return value.numpy() if isinstance(value, ort.OrtValue) else value
+
+    def _pad_slots(self, value, slots: int):
+        """Pad axis 1 of a global KV buffer with zeros to `slots`."""
+        array = self._to_host(value)
+        if array.shape[1] >= slots:
+            return self._to_device(array)
+        pad = np.zeros((array.shape[0], slots - array.shape[1], *array.shape[2:]), dtype=array.dtype)
+        return self._to_device(np.concatenate([array, pad], axis=1))
+
+    # -- API -------------------------------------------------------------------------------------
+
+    def prefill(self, input_ids, mask=None, capacity: int | None = None) -> OnnxOutput:
+        """Run the prompts (B, L), right-padded with `mask` (default: all real), and keep the states.
+
+        capacity: decode slots to reserve (prompt + bytes you will generate); grows on demand.
+        Prompts longer than the export's max_seqlen still give logits (e.g. for evaluation), but
+        decoding from them is refused."""
+        ids = self._check_ids(input_ids, "input_ids")
+        B, L = ids.shape
+        if mask is None:
+            mask = np.ones((B, L), dtype=bool)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (B, L):
+            raise HNetError(f"mask shape {mask.shape} must equal input_ids shape {(B, L)}")
+        if not mask[:, 0].all():
+            raise HNetError("every prompt in the batch needs at least one byte (mask[:, 0] must be True)")
+        if L > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise HNetError("mask must be right-padded: True on a prefix of each row, then False")
+        outputs = self.sessions["prefill"].run(None, {"input_ids": ids, "mask": mask})
+        first_state = 1 + 3 * self.num_stages
+        self._position = int(mask.sum(-1).max())
+        self._batch = B
+        self._states = None
+        if self._position <= self.max_seqlen:
+            want = max(capacity or 0, self._position + _MIN_CAPACITY)
+            self._capacity = min(self.max_seqlen, want)
+            states = {}
+            for name, value in zip(self._state_names, outputs[first_state:]):
+                states[name] = self._pad_slots(value, self._capacity) if name in self._growable else self._to_device(value)
+            self._states = states
+        return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=False))
+
+    def _grow(self) -> None:
+        """Double the global KV buffers (up to max_seqlen) when the next position would not fit."""
+        self._capacity = min(self.max_seqlen, max(2 * self._capacity, self._position + 1))
+        for name in self._growable:
+            self._states[name] = self._pad_slots(self._states[name], self._capacity)
+
+    def _session_for_step(self) -> ort.InferenceSession:
+        variant = self.step_variant
+        if variant == "auto":
+            variant = "cond" if ("step_cond" in self.sessions and self._batch == 1 and self.device == "cpu") else "where"
+        return self.sessions["step_cond" if variant == "cond" else "step"]
+
+    def step(self, next_ids) -> OnnxOutput:
+        """Consume one byte per sample: next_ids (B, 1) -> logits (B, 1, vocab)."""
+        if self._states is None:
+            if self._batch:
+                raise HNetError(f"the prompt is longer than this export's max_seqlen {self.max_seqlen}; "
+                                "re-export with a larger --max-seqlen to decode from it")
+            raise HNetError("call prefill(input_ids, mask) before step()")
+        ids = self._check_ids(next_ids, "next_ids")
+        if ids.shape != (self._batch, 1):
+            raise HNetError(f"step takes next_ids of shape ({self._batch}, 1), got {ids.shape}")
+        if self._position >= self.max_seqlen:
+            raise HNetError(f"generation reached this export's max_seqlen {self.max_seqlen}; "
+                            "re-export with a larger --max-seqlen")
+        if self._position >= self._capacity:
+            self._grow()
+        session = self._session_for_step()
+        names = [o.name for o in session.get_outputs()]
+        first_state = 1 + 3 * self.num_stages
+        if self.io_binding:
+            binding = session.io_binding()
+            binding.bind_cpu_input("input_ids", ids)
+            for name in self._state_names:
+                binding.bind_ortvalue_input("past." + name, self._states[name])
+            for k, name in enumerate(names):
+                binding.bind_output(name, "cpu" if k < first_state else self.device)
+            session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            outputs = [v.numpy() for v in values[:first_state]] + list(values[first_state:])
+        else:
+            feed = {"input_ids": ids, **{"past." + n: v for n, v in self._states.items()}}
+            outputs = session.run(None, feed)
+        self._states = {n[len("present."):]: v for n, v in zip(names[first_state:], outputs[first_state:])}
+        self._position += 1
+        return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=True))
+
+    @property
+    def capacity(self) -> int:
+        """Slots currently reserved in each global attention cache (grows on demand)."""
+        return self._capacity
