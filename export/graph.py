@@ -32,7 +32,7 @@ from hnet_torch.routing import boundary_probability
 
 from .layers import State, keep, stack_prefill, stack_step
 from .layout import state_specs
-from .scan import ema_chunk_scan
+from .scan import ChunkCounts, ema_chunk_scan
 
 STEP_VARIANTS = ("where", "cond")
 
@@ -49,18 +49,19 @@ def _routing_prefill(node: HNet, h: torch.Tensor, mask: torch.Tensor) -> tuple[t
     return p, (p > 0.5) & mask
 
 
-def level_prefill(node: HNet, h: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, max_seqlen: int,
-                  out: State, routing: list) -> torch.Tensor:
-    """One level over (b, l, D_parent) right-padded rows; appends its routing and writes its states."""
+def level_prefill(node: HNet, h: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, chunks: ChunkCounts,
+                  max_seqlen: int, out: State, routing: list) -> torch.Tensor:
+    """One level over (b, l, D_parent) right-padded rows; appends its routing and writes its states.
+    `chunks` holds the scan chunk counts of length l (shared by this level's scans)."""
     s = node.level
     d_parent = h.shape[-1]
     h = node._pad(h)
     if node.is_innermost:
-        h = stack_prefill(node.main_network, h, mask, lengths, max_seqlen, f"level{s}.main", out)
+        h = stack_prefill(node.main_network, h, mask, lengths, chunks, max_seqlen, f"level{s}.main", out)
         out[f"level{s}.length"] = lengths
         return h[..., :d_parent]
 
-    h = stack_prefill(node.encoder, h, mask, lengths, max_seqlen, f"level{s}.encoder", out)  # (b, l, D)
+    h = stack_prefill(node.encoder, h, mask, lengths, chunks, max_seqlen, f"level{s}.encoder", out)  # (b, l, D)
     residual = node.residual_proj(h.to(node.residual_proj.weight.dtype))
     p, boundary = _routing_prefill(node, h, mask)
     rows = torch.arange(h.shape[0], device=h.device)
@@ -75,17 +76,18 @@ def level_prefill(node: HNet, h: torch.Tensor, mask: torch.Tensor, lengths: torc
     order = boundary_order(boundary)[:, :M]  # (b, M)
     inner = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
     inner_mask = torch.arange(M, device=h.device)[None] < counts[:, None]
-    inner = level_prefill(node.main_network, inner, inner_mask, counts, max_seqlen, out, routing)
+    inner_chunks = ChunkCounts(M)
+    inner = level_prefill(node.main_network, inner, inner_mask, counts, inner_chunks, max_seqlen, out, routing)
 
     # Dechunk (eq. 5-6): EMA over the chunks, then every byte takes its chunk's value.
     p_chunks = p.float().clamp(P_MIN, P_MAX).gather(1, order)  # (b, M)
-    z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK)  # (b, M, D) fp32
+    z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, inner_chunks)  # (b, M, D) fp32
     chunk_of = (torch.cumsum(boundary.long(), dim=1) - 1).clamp(min=0)  # (b, l)
     z = z.gather(1, chunk_of[..., None].expand(-1, -1, z.shape[-1]))
     out[f"level{s}.dechunk.last_value"] = z[rows, lengths - 1]
     # Decoder input: dechunk * STE (exactly 1 in the forward pass) + residual, added in fp32 (eq. 7-9).
     h = (z.to(inner.dtype).to(residual.dtype) + residual).to(inner.dtype)
-    h = stack_prefill(node.decoder, h, mask, lengths, max_seqlen, f"level{s}.decoder", out)
+    h = stack_prefill(node.decoder, h, mask, lengths, chunks, max_seqlen, f"level{s}.decoder", out)
     out[f"level{s}.length"] = lengths
     return h[..., :d_parent]
 
@@ -183,7 +185,8 @@ class PrefillGraph(nn.Module):
         h = self.model.embeddings(input_ids)
         out: State = {}
         routing: list = []
-        h = level_prefill(self.model.backbone, h, mask, lengths, self.max_seqlen, out, routing)
+        h = level_prefill(self.model.backbone, h, mask, lengths, ChunkCounts(input_ids.shape[1]), self.max_seqlen, out,
+                          routing)
         logits = self.model.lm_head(h)
         assert sorted(out) == sorted(self.state_names), "prefill states do not match the layout"
         return (logits, *(t for r in routing for t in r), *(out[n] for n in self.state_names))

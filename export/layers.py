@@ -24,7 +24,7 @@ from hnet_torch.isotropic import Isotropic
 from hnet_torch.mamba2 import Mamba2
 
 from .layout import kv_slots
-from .scan import ssd_chunk_scan
+from .scan import ChunkCounts, ssd_chunk_scan
 
 State = dict[str, torch.Tensor]
 
@@ -39,8 +39,8 @@ def keep(active: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> t
 # -- Mamba2 ---------------------------------------------------------------------------------
 
 
-def mamba_prefill(m: Mamba2, u: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, name: str, out: State
-                  ) -> torch.Tensor:
+def mamba_prefill(m: Mamba2, u: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, chunks: ChunkCounts,
+                  name: str, out: State) -> torch.Tensor:
     """u (b, l, d), right-padded with `mask`; writes the conv and SSM states after each row's last token."""
     b, l, _ = u.shape
     z, xBC, dt = m._split(m.in_proj(u))  # (b, l, ·)
@@ -54,8 +54,7 @@ def mamba_prefill(m: Mamba2, u: torch.Tensor, mask: torch.Tensor, lengths: torch
     # Padding steps get dt = 0 so the final state is each row's state after its last real byte.
     dt = F.softplus(dt.float() + m.dt_bias.float()) * mask[..., None]
     A = -torch.exp(m.A_log.float())
-    y, final_state = ssd_chunk_scan(x.reshape(b, l, m.nheads, m.headdim), dt, A, B[:, :, None], C[:, :, None],
-                                    m.chunk_size, m.D)
+    y, final_state = ssd_chunk_scan(x.reshape(b, l, m.nheads, m.headdim), dt, A, B, C, m.chunk_size, m.D, chunks)
     out[name + ".ssm"] = final_state
     y = m.norm(y.reshape(b, l, m.d_inner).to(u.dtype), z)
     return m.out_proj(y)
@@ -131,8 +130,8 @@ def attention_step(a: CausalMHA, x: torch.Tensor, positions: torch.Tensor, max_s
 # -- stacks ---------------------------------------------------------------------------------
 
 
-def stack_prefill(stack: Isotropic, h: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, max_seqlen: int,
-                  prefix: str, out: State) -> torch.Tensor:
+def stack_prefill(stack: Isotropic, h: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, chunks: ChunkCounts,
+                  max_seqlen: int, prefix: str, out: State) -> torch.Tensor:
     """An Isotropic stack over (b, l, d): pre-norm blocks with the fp32 residual, final norm."""
     residual = None
     for i, block in enumerate(stack.layers):
@@ -141,7 +140,7 @@ def stack_prefill(stack: Isotropic, h: torch.Tensor, mask: torch.Tensor, lengths
         if isinstance(block.mixer, CausalMHA):
             h = attention_prefill(block.mixer, h, lengths, max_seqlen, name, out)
         else:
-            h = mamba_prefill(block.mixer, h, mask, lengths, name, out)
+            h = mamba_prefill(block.mixer, h, mask, lengths, chunks, name, out)
         if block.mlp is not None:
             h, residual = block.norm2(h, residual, prenorm=True)
             h = block.mlp(h)

@@ -107,7 +107,8 @@ class OnnxHNet:
         self._growable = [n for n in self._state_names if "kv_slots" in self._step_specs["past." + n]["shape"]]
         self._states: dict | None = None
         self._position = 0  # bytes consumed by the longest sample (its level-0 length)
-        self._capacity = 0
+        self._capacity = 0  # slots in each global KV cache (0 until the first step sizes them)
+        self._reserve = 0  # capacity asked for at prefill
         self._batch = 0
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -176,13 +177,18 @@ class OnnxHNet:
         self._batch = B
         self._states = None
         if self._position <= self.max_seqlen:
-            want = max(capacity or 0, self._position + _MIN_CAPACITY)
-            self._capacity = min(self.max_seqlen, want)
-            states = {}
-            for name, value in zip(self._state_names, outputs[first_state:]):
-                states[name] = self._pad_slots(value, self._capacity) if name in self._growable else self._to_device(value)
-            self._states = states
+            # Kept as returned; sized and moved to the device by the first step (an evaluation that
+            # only prefills pays nothing for decode buffers).
+            self._states = dict(zip(self._state_names, outputs[first_state:]))
+            self._capacity = 0
+            self._reserve = max(capacity or 0, self._position + _MIN_CAPACITY)
         return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=False))
+
+    def _start_decoding(self) -> None:
+        """Pad the prefill's global KV caches to the reserved capacity and move every state to the device."""
+        self._capacity = min(self.max_seqlen, self._reserve)
+        self._states = {n: self._pad_slots(v, self._capacity) if n in self._growable else self._to_device(v)
+                        for n, v in self._states.items()}
 
     def _grow(self) -> None:
         """Double the global KV buffers (up to max_seqlen) when the next position would not fit."""
@@ -209,6 +215,8 @@ class OnnxHNet:
         if self._position >= self.max_seqlen:
             raise HNetError(f"generation reached this export's max_seqlen {self.max_seqlen}; "
                             "re-export with a larger --max-seqlen")
+        if self._capacity == 0:
+            self._start_decoding()
         if self._position >= self._capacity:
             self._grow()
         session = self._session_for_step()

@@ -16,75 +16,89 @@ import torch.nn.functional as F
 from hnet_torch.ssd import segsum
 
 
+class ChunkCounts:
+    """ceil(l / Q) for one sequence length l, computed once per chunk size Q and shared by every scan
+    over that length. The count is read with `.item()` as its own symbol, bounded by torch._check:
+    tracing then reasons about `c` and `c * Q - l` instead of floor divisions, and one symbol per
+    level instead of one per layer keeps symbolic shape reasoning (most of the export time) small."""
+
+    def __init__(self, length) -> None:
+        self.length = length
+        self._counts: dict[int, int] = {}
+
+    def __call__(self, chunk_size: int):
+        if chunk_size not in self._counts:
+            l, Q = self.length, chunk_size
+            c = ((torch.ones((), dtype=torch.int64) * l + Q - 1) // Q).item()
+            torch._check(c >= 1)
+            torch._check(c * Q >= l)
+            torch._check(c * Q - l < Q)
+            self._counts[chunk_size] = c
+        return self._counts[chunk_size]
+
+
 def chunked_scan(
     u: torch.Tensor,  # (b, l, h, p) input already scaled (dt * x for Mamba2)
     log_decay: torch.Tensor,  # (b, l, h) a_t <= 0
-    B: torch.Tensor,  # (b, l, g, n)
-    C: torch.Tensor,  # (b, l, g, n)
+    B: torch.Tensor,  # (b, l, n) shared by every head (H-Net's Mamba2 has ngroups = 1)
+    C: torch.Tensor,  # (b, l, n)
     chunk_size: int,
+    chunks: ChunkCounts | None = None,  # of this length l
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32."""
     b, l, h, p = u.shape
-    g, n = B.shape[-2:]
+    n = B.shape[-1]
     Q = chunk_size
-    c = ((torch.ones((), dtype=torch.int64) * l + Q - 1) // Q).item()
-    torch._check(c >= 1)
-    torch._check(c * Q >= l)
-    torch._check(c * Q - l < Q)
+    c = (chunks or ChunkCounts(l))(Q)
     pad = c * Q - l
     # Zero input and zero log-decay: padded steps leave the state untouched.
-    u = F.pad(u.float(), (0, 0, 0, 0, 0, pad))
-    a = F.pad(log_decay.float(), (0, 0, 0, pad))
-    B = F.pad(B.float(), (0, 0, 0, 0, 0, pad))
-    C = F.pad(C.float(), (0, 0, 0, 0, 0, pad))
-    hpg = h // g
-    u = u.reshape(b, c, Q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
-    a = a.reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
-    Bc = B.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
-    Cc = C.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
-    a_cs = torch.cumsum(a, dim=-1)  # (b, h, c, Q)
+    u = F.pad(u.float(), (0, 0, 0, 0, 0, pad)).reshape(b, c, Q, h, p).transpose(2, 3)  # (b, c, h, Q, p)
+    a = F.pad(log_decay.float(), (0, 0, 0, pad)).reshape(b, c, Q, h).transpose(2, 3)  # (b, c, h, Q)
+    B = F.pad(B.float(), (0, 0, 0, pad)).reshape(b, c, Q, n)
+    C = F.pad(C.float(), (0, 0, 0, pad)).reshape(b, c, Q, n)
+    a_cs = torch.cumsum(a, dim=-1)  # (b, c, h, Q)
 
     # 1. within-chunk outputs: y_i = sum_{j<=i} C_i.B_j exp(a_cs_i - a_cs_j) u_j
     causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=u.device))
-    diff = a_cs[..., :, None] - a_cs[..., None, :]  # (b, h, c, Q, Q)
-    decay = torch.exp(torch.where(causal, diff, float("-inf")))
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, Q, Q)
-    scores = decay.reshape(b, g, hpg, c, Q, Q) * CB[:, :, None]
-    y = scores.reshape(b, h, c, Q, Q) @ u  # (b, h, c, Q, p)
+    decay = torch.exp(torch.where(causal, a_cs[..., :, None] - a_cs[..., None, :], float("-inf")))  # (b, c, h, Q, Q)
+    CB = C @ B.transpose(-1, -2)  # (b, c, Q, Q)
+    y = (decay * CB[:, :, None]) @ u  # (b, c, h, Q, p)
 
-    # 2. each chunk's own final state
-    to_end = torch.exp(a_cs[..., -1:] - a_cs)  # (b, h, c, Q)
-    weighted = (u * to_end[..., None]).reshape(b, g, hpg, c, Q, p)
-    states = (weighted.transpose(-1, -2) @ Bc[:, :, None]).reshape(b, h, c, p, n)
+    # 2. each chunk's own final state: sum_j exp(a_cs_end - a_cs_j) u_j B_j^T
+    to_end = torch.exp(a_cs[..., -1:] - a_cs)  # (b, c, h, Q)
+    states = (u * to_end[..., None]).transpose(-1, -2) @ B[:, :, None]  # (b, c, h, p, n)
 
     # 3. pass states between chunks: entering[z] = sum_{k<=z} exp(sum totals k..z-1) states[k]
-    all_states = F.pad(states, (0, 0, 0, 0, 1, 0))  # (b, h, c+1, p, n), zero initial state
-    chunk_decay = torch.exp(segsum(F.pad(a_cs[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    entering = (chunk_decay @ all_states.reshape(b, h, c + 1, p * n)).reshape(b, h, c + 1, p, n)
-    final_state = entering[:, :, c]
-    entering = entering[:, :, :c]  # (b, h, c, p, n)
+    totals = F.pad(a_cs[..., -1].transpose(1, 2), (1, 0))  # (b, h, c+1), a zero initial state first
+    chunk_decay = torch.exp(segsum(totals))  # (b, h, c+1, c+1)
+    all_states = F.pad(states, (0, 0, 0, 0, 0, 0, 1, 0)).transpose(1, 2).reshape(b, h, c + 1, p * n)
+    entering = chunk_decay @ all_states  # (b, h, c+1, p n)
+    final_state = entering[:, :, c].reshape(b, h, p, n)
+    entering = entering[:, :, :c].reshape(b, h, c, p, n).transpose(1, 2)  # (b, c, h, p, n)
 
     # 4. contribution of the state entering each chunk: y_i += exp(a_cs_i) C_i . state
-    Cs = Cc[:, :, None] @ entering.reshape(b, g, hpg, c, p, n).transpose(-1, -2)  # (b, g, hpg, c, Q, p)
-    y = y + Cs.reshape(b, h, c, Q, p) * torch.exp(a_cs)[..., None]
+    y = y + (C[:, :, None] @ entering.transpose(-1, -2)) * torch.exp(a_cs)[..., None]
 
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :l]
+    y = y.transpose(2, 3).reshape(b, c * Q, h, p)[:, :l]
     return y, final_state
 
 
 def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   chunk_size: int, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba2 SSD, x (b, l, h, p), softplus'ed dt (b, l, h): y = C h + D x, h_t = exp(dt A) h + dt x B^T."""
+                   chunk_size: int, D: torch.Tensor, chunks: ChunkCounts | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba2 SSD, x (b, l, h, p), softplus'ed dt (b, l, h), B/C (b, l, n):
+    y = C h + D x with h_t = exp(dt A) h_{t-1} + dt x B^T."""
     dt = dt.float()
-    y, final_state = chunked_scan(x.float() * dt[..., None], dt * A.float(), B, C, chunk_size)
+    y, final_state = chunked_scan(x.float() * dt[..., None], dt * A.float(), B, C, chunk_size, chunks)
     return y + x.float() * D.float()[:, None], final_state
 
 
-def ema_chunk_scan(values: torch.Tensor, p: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def ema_chunk_scan(values: torch.Tensor, p: torch.Tensor, chunk_size: int, chunks: ChunkCounts | None = None
+                   ) -> torch.Tensor:
     """The dechunk EMA z_j = p_j v_j + (1 - p_j) z_{j-1}, z_{-1} = 0 (paper eq. 5): (b, m, d) fp32."""
     b, m, d = values.shape
     p = p.float()
-    ones = torch.ones(b, m, 1, 1, device=values.device, dtype=torch.float32)
+    ones = torch.ones(b, m, 1, device=values.device, dtype=torch.float32)
     u = (values.float() * p[..., None])[:, :, None]  # (b, m, 1, d): one head of width d
-    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size)
+    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size, chunks)
     return y[:, :, 0]
