@@ -162,7 +162,7 @@ def main() -> None:
     result["cpu_vs_cuda"] = check_cpu_vs_cuda(text)
     print("cpu vs cuda:", result["cpu_vs_cuda"], flush=True)
     rows = []
-    for name, cfg, batch, seq in (("small", SMALL, 8, 2048), ("medium", MEDIUM, 8, 4096)):
+    for name, cfg, batch, seq in (("small", SMALL, 8, 2048), ("medium", MEDIUM, 4, 4096)):
         for dtype in ("float32", "bfloat16"):
             rows.append(speed(cfg, name, dtype, text, batch, seq, args.steps))
             print(rows[-1], flush=True)

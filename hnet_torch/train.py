@@ -98,6 +98,11 @@ class TorchBackend:
                  world: int = 1, fsdp: bool = False, kernels: str = "auto"):
         self.config, self.device, self.rank, self.world, self.fsdp = config, device, rank, world, fsdp
         self.model = model.to(device).train()
+        if device.type == "cuda":
+            # cuDNN's SDPA builds an execution plan for every new shape, and the inner levels'
+            # lengths change every step (dynamic chunking): on an H100 that planning made bf16
+            # steps 5x slower than fp32 (bench/gpu_train_check.py). The other SDPA kernels don't plan.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model.set_kernels(kernels)
         self.num_stages = model.config.num_stages
         self.ratios = config.ratios_for(self.num_stages)
