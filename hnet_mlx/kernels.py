@@ -5,8 +5,10 @@ Every mixer (and the dechunk layer) calls these functions with its `use_kernels`
   * "on": the Metal kernels of `hnet_metal_kernels` (`ssd_scan`, `ssm_step`, `ema_dechunk`,
     `conv_step`), called with exactly the signatures of their pure twins below. Raises when the
     package does not import. (On Linux this only works with that package's emulator switched in.)
-  * "auto": the kernels when Metal is available, the default device is the GPU and the package
-    imports; pure MLX otherwise (always on this Linux CPU build).
+  * "auto": the kernels when Metal is available, the default device is the GPU, the package
+    imports and its self-test passes on this machine (run once per process: a kernel that this
+    Mac's Metal compiler rejects or that disagrees with the pure path must not break the model);
+    pure MLX otherwise (always on this Linux CPU build).
 The pure functions are what tests/test_metal_kernels*.py hold the kernels to, so their
 signatures are a contract: keep them unchanged.
 """
@@ -14,6 +16,7 @@ signatures are a contract: keep them unchanged.
 from __future__ import annotations
 
 import importlib
+import warnings
 from functools import lru_cache
 
 import mlx.core as mx
@@ -53,7 +56,21 @@ def use_fused(mode: str, name: str) -> bool:
                 f"use_kernels='on' needs the {METAL_PACKAGE} package with kernel {name!r} (Apple silicon); use 'auto'"
             )
         return True
-    return present and mx.metal.is_available() and mx.default_device().type == mx.gpu
+    return present and mx.metal.is_available() and mx.default_device().type == mx.gpu and _kernels_pass_self_test()
+
+
+@lru_cache(maxsize=None)
+def _kernels_pass_self_test() -> bool:
+    """Once per process, before "auto" trusts the Metal kernels: each must match its pure twin."""
+    try:
+        problems = {k: v for k, v in _metal().self_test().items() if v}
+    except Exception as e:  # the self-test itself failing is a failed self-test
+        problems = {"self_test": f"{type(e).__name__}: {e}"}
+    if problems:
+        name, why = next(iter(problems.items()))
+        warnings.warn(f"hnet_metal_kernels failed its self-test ({name}: {why}); using the pure-MLX paths. "
+                      "Please report this with `python -m hnet_metal_kernels.selftest`.", RuntimeWarning, stacklevel=2)
+    return not problems
 
 
 # -- Mamba2 scan ---------------------------------------------------------------------------

@@ -75,3 +75,30 @@ def test_unknown_kernel_mode_is_rejected():
         model.set_kernels("fast")
     with pytest.raises(HNetError, match="use_kernels"):
         kernels.use_fused("yes", "ssm_step")
+
+
+def test_auto_mode_falls_back_when_the_kernel_self_test_fails(monkeypatch):
+    """On a Mac, "auto" runs the Metal kernels only if they pass their self-test once per process."""
+    import mlx.core as mx
+
+    from hnet_mlx import kernels
+
+    class FakeMetal:
+        def ssd_scan(self, *a):
+            raise AssertionError("must not be called")
+
+        def self_test(self):
+            return {"ssd_scan": "differs from the pure-MLX path by 0.5 of its scale", "ssm_step": None}
+
+    monkeypatch.setattr(kernels, "_metal", lambda: FakeMetal())
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    kernels._kernels_pass_self_test.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed its self-test"):
+            assert kernels.use_fused("auto", "ssd_scan") is False
+        monkeypatch.setattr(FakeMetal, "self_test", lambda self: {"ssd_scan": None})
+        kernels._kernels_pass_self_test.cache_clear()
+        assert kernels.use_fused("auto", "ssd_scan") is True
+    finally:
+        kernels._kernels_pass_self_test.cache_clear()
