@@ -46,7 +46,7 @@ DEFAULT_MAX_SEQLEN = 8192  # H-Net's training context (bytes)
 DTYPES = ("float32", "float16")
 WEIGHTS_FILE = "weights.onnx.data"
 EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # share weights through one external file above 1 GiB
-_ALIGN = 64  # byte alignment of every tensor in the weights file (lets readers map it directly)
+_ALIGN = 4096  # every tensor in the weights file starts on a page, so readers can map it directly
 
 # Example sizes used for tracing. They only need to differ from 0 and 1 (torch.export specialises
 # those) and from each other; the graphs are traced symbolically and work for any size.

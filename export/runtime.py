@@ -23,6 +23,7 @@ import onnxruntime as ort
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 
+FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
 STEP_VARIANTS = ("auto", "where", "cond")
 _MIN_CAPACITY = 64
@@ -78,6 +79,11 @@ class OnnxHNet:
             raise HNetError(f"step_variant must be one of {', '.join(STEP_VARIANTS)}, got {step_variant!r}")
         self.path = path
         self.meta = _read_json(os.path.join(path, "export.json"))
+        missing = [k for k in ("format_version", "max_seqlen", "dtype", "graphs") if k not in self.meta]
+        if missing or "prefill" not in self.meta.get("graphs", {}) or "step" not in self.meta.get("graphs", {}):
+            raise HNetError(f"{path}/export.json lacks {missing or 'the prefill/step graphs'}; re-export the model")
+        if self.meta["format_version"] > FORMAT_VERSION:
+            raise HNetError(f"{path} was exported by a newer hnet-mlx (format {self.meta['format_version']}); upgrade hnet-mlx")
         self.io = _read_json(os.path.join(path, "io.json"))
         self.config = HNetConfig.from_dict(_read_json(os.path.join(path, "config.json")))
         self.max_seqlen = int(self.meta["max_seqlen"])
@@ -89,18 +95,14 @@ class OnnxHNet:
         options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
         if threads:
             options.intra_op_num_threads = int(threads)
+        self._options, self._providers = options, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for name, file in self.meta["graphs"].items():
-            graph_path = os.path.join(path, file)
-            if not os.path.exists(graph_path):
-                raise HNetError(f"{graph_path} not found; re-export the model with `hnet export onnx`")
-            try:
-                self.sessions[name] = ort.InferenceSession(graph_path, options, providers=providers)
-            except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
-        if step_variant == "cond" and "step_cond" not in self.sessions:
+        for file in self.meta["graphs"].values():
+            if not os.path.exists(os.path.join(path, file)):
+                raise HNetError(f"{os.path.join(path, file)} not found; re-export the model with `hnet export onnx`")
+        if step_variant == "cond" and "step_cond" not in self.meta["graphs"]:
             raise HNetError("this export has no step_cond.onnx; re-export with --batch-variants or use step_variant='where'")
+        self._session("prefill")  # loads now, so a broken export fails here; step graphs load on first use
         self.step_variant = step_variant
         self._step_specs = {s["name"]: s for s in self.io["step"]["inputs"]}
         self._state_names = [s["name"][len("past."):] for s in self.io["step"]["inputs"] if s["name"].startswith("past.")]
@@ -112,6 +114,18 @@ class OnnxHNet:
         self._batch = 0
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        """The onnxruntime session of one graph, created on first use (each holds its own copy of
+        the weights, so a step variant that is never used costs no memory)."""
+        if name not in self.sessions:
+            graph_path = os.path.join(self.path, self.meta["graphs"][name])
+            try:
+                self.sessions[name] = ort.InferenceSession(graph_path, self._options, providers=self._providers)
+            except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
+        return self.sessions[name]
 
     def _routing(self, outputs: list, first: int, step: bool) -> list[RoutingOutput]:
         routing = []
@@ -171,7 +185,7 @@ class OnnxHNet:
             raise HNetError("every prompt in the batch needs at least one byte (mask[:, 0] must be True)")
         if L > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
             raise HNetError("mask must be right-padded: True on a prefix of each row, then False")
-        outputs = self.sessions["prefill"].run(None, {"input_ids": ids, "mask": mask})
+        outputs = self._session("prefill").run(None, {"input_ids": ids, "mask": mask})
         first_state = 1 + 3 * self.num_stages
         self._position = int(mask.sum(-1).max())
         self._batch = B
@@ -199,8 +213,8 @@ class OnnxHNet:
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
         if variant == "auto":
-            variant = "cond" if ("step_cond" in self.sessions and self._batch == 1 and self.device == "cpu") else "where"
-        return self.sessions["step_cond" if variant == "cond" else "step"]
+            variant = "cond" if ("step_cond" in self.meta["graphs"] and self._batch == 1 and self.device == "cpu") else "where"
+        return self._session("step_cond" if variant == "cond" else "step")
 
     def step(self, next_ids) -> OnnxOutput:
         """Consume one byte per sample: next_ids (B, 1) -> logits (B, 1, vocab)."""
