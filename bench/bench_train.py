@@ -12,10 +12,12 @@ MLX runs twice: with the reference BLAS the mlx[cpu] wheel links, and with OpenB
 in the MLX process only; the table says which BLAS each row used (read from /proc/self/maps).
 
 long: `hnet train` (torch, or --backend mlx) on --corpus for --minutes of training time, then
-`hnet eval` on the held-out tail of the corpus and `xz -9` / `xz -9e` on exactly the same bytes.
-The run checkpoints every --save-every steps and stops itself at the time budget (--time-limit),
-so a cut-off session resumes with the same command (training time is summed across sessions in
-runs/bench_train/long/bench_time.json). Results go to --results (JSON) and print as a table.
+`hnet eval` on the held-out tail of the corpus (the trainer's validation split: the last 5%) and
+`xz -9` / `xz -9e` on exactly the same bytes. WSD schedule in two phases so the decay fits the time
+budget however loaded the shared machine is (see run_long). The run checkpoints every 50 steps and
+stops itself at its time budget (--time-limit), so a cut-off session resumes with the same command
+(training time is summed across sessions in runs/bench_train/long/bench_time.json). Results go to
+bench/results_train.json and print as a table.
 """
 
 from __future__ import annotations
@@ -168,22 +170,18 @@ def print_speed(rows: list[dict], args) -> None:
 # -- long run ------------------------------------------------------------------------------------
 
 
-def planned_steps(args) -> tuple[int, int | None]:
-    """(steps that fit the time budget at the measured speed, torch threads of the fastest setting),
-    so that the WSD decay happens within the budget."""
+def best_threads(args) -> int | None:
+    """Torch threads of the fastest torch row of the speed benchmark (or --threads)."""
     rows = json.load(open(RESULTS)).get("speed", {}).get("rows", []) if os.path.exists(RESULTS) else []
-    rows = [r for r in rows if (r["framework"] == args.backend) and (args.backend == "torch" or "OpenBLAS" in r["blas"])]
-    best = max(rows, key=lambda r: r["bytes_per_second"], default=None)
-    threads = args.threads or (best or {}).get("threads")
-    if args.steps:
-        return args.steps, threads
-    if best is None:
-        raise SystemExit("run `python bench/bench_train.py speed` first, or pass --steps")
-    # 85%: evaluations, checkpoints and process starts take the rest of the budget.
-    return int(0.85 * args.minutes * 60 * best["bytes_per_second"] / (args.batch_size * args.seq_len)), threads
+    best = max((r for r in rows if r["framework"] == "torch"), key=lambda r: r["bytes_per_second"], default=None)
+    return args.threads or (best or {}).get("threads")
 
 
 def run_long(args) -> dict:
+    """Two phases so the learning-rate decay fits the time budget whatever the machine's load:
+    WSD's stable phase for 80% of the budget (--steps very large, stopped by --time-limit), then a
+    resume with --steps S chosen so that WSD's decay (its last 20% of steps) starts where the stable
+    phase stopped: decay steps = a quarter of the stable steps, about 20% of the time."""
     from hnet_core import checkpoint as ckpt
 
     out = os.path.join(RUNS, "long")
@@ -195,19 +193,23 @@ def run_long(args) -> dict:
     if os.path.exists(clock_path):
         clock = json.load(open(clock_path))
     else:
-        steps, threads = planned_steps(args)
-        clock = {"seconds": 0.0, "steps": steps, "threads": threads}
+        clock = {"seconds": 0.0, "phase": "stable", "steps": 10**6, "threads": best_threads(args)}
     budget = args.minutes * 60
     final = os.path.join(out, "model")
     while not os.path.isdir(final) and clock["seconds"] < budget - 5:
+        if clock["phase"] == "stable" and clock["seconds"] >= 0.8 * budget:
+            stable_steps = max(s for s, _ in ckpt.list_checkpoints(out))
+            total = -(-stable_steps * 5 // 4)  # WSD decays over the last 20%: starts at total - total/5 = stable_steps
+            clock.update(phase="decay", steps=total, stable_steps=stable_steps)
+        limit = (0.8 * budget if clock["phase"] == "stable" else budget) - clock["seconds"]
         resume = ["--resume"] if ckpt.list_checkpoints(out) else []
         cli = (["hnet_torch.train"] + (["--threads", str(clock["threads"])] if clock.get("threads") else [])
                if args.backend == "torch" else ["hnet_mlx.cli", "train"])
         cmd = [sys.executable, "-m", *cli, "--config", cfg_path, "--data", args.corpus, "--out", out,
                "--steps", str(clock["steps"]), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--lr", str(args.lr), "--warmup", "100", "--schedule", "wsd", "--save-every", "100",
-               "--eval-every", "250", "--eval-bytes", "32768", "--log-every", "20", "--val-fraction", "0.05",
-               "--time-limit", str(budget - clock["seconds"]), *resume]
+               "--lr", str(args.lr), "--warmup", "100", "--schedule", "wsd", "--decay-fraction", "0.2",
+               "--save-every", "50", "--eval-every", "250", "--eval-bytes", "32768", "--log-every", "20",
+               "--val-fraction", "0.05", "--time-limit", str(max(limit, 1.0)), *resume]
         env = {**os.environ, "PYTHONPATH": REPO}
         if args.backend == "mlx" and os.path.exists(OPENBLAS):
             env["LD_PRELOAD"] = OPENBLAS
@@ -220,7 +222,7 @@ def run_long(args) -> dict:
             raise SystemExit(f"training failed (exit {proc.returncode}); rerun the same command to resume")
     # If the time budget ended the run before its last step, its last checkpoint is the model.
     model_dir = final if os.path.isdir(final) else ckpt.latest_checkpoint(out)
-    return evaluate_long(args, out, model_dir, clock["seconds"])
+    return evaluate_long(args, out, model_dir, clock)
 
 
 def held_out_bytes(corpus: str, val_fraction: float, val_max: int) -> bytes:
@@ -236,7 +238,7 @@ def held_out_bytes(corpus: str, val_fraction: float, val_max: int) -> bytes:
     return tokens[:-1] if tokens.endswith(bytes([EOS_ID])) else tokens
 
 
-def evaluate_long(args, out: str, model_dir: str, spent: float) -> dict:
+def evaluate_long(args, out: str, model_dir: str, clock: dict) -> dict:
     from hnet_core import checkpoint as ckpt
     from hnet_core.evaluate import evaluate, make_forward
     from hnet_core.metrics import read_metrics
@@ -251,11 +253,12 @@ def evaluate_long(args, out: str, model_dir: str, spent: float) -> dict:
         xz[flags] = 8 * len(packed) / len(val)
     import torch
 
-    torch.set_num_threads(json.load(open(os.path.join(out, "bench_time.json"))).get("threads") or os.cpu_count())
+    torch.set_num_threads(clock.get("threads") or os.cpu_count())
     report = evaluate(make_forward("torch", model_dir), val_path, window=1024, stride=512, batch_size=4)
     state = ckpt.read_state(ckpt.latest_checkpoint(out))
     train_records = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["kind"] == "train"]
-    result = {"corpus": args.corpus, "backend": args.backend, "training_seconds": spent, "steps": state["step"],
+    result = {"corpus": args.corpus, "backend": args.backend, "training_seconds": clock["seconds"], "steps": state["step"],
+              "stable_steps": clock.get("stable_steps"), "threads": clock.get("threads"),
               "train_bytes_seen": state["step"] * args.batch_size * args.seq_len, "model": model_dir,
               "validation_bytes": len(val), "bits_per_byte": report.bits_per_byte,
               "compression_ratios": report.compression_ratios, "xz_-9_bpb": xz["-9"], "xz_-9e_bpb": xz["-9e"],

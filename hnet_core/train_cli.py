@@ -32,6 +32,7 @@ _FLAGS = [
     ("--warmup", "warmup", {"type": int, "help": "Linear warmup steps."}),
     ("--schedule", "schedule", {"type": click.Choice(SCHEDULES), "help": "Decay after warmup."}),
     ("--min-lr-ratio", "min_lr_ratio", {"type": float, "help": "Final learning rate as a fraction of --lr."}),
+    ("--decay-fraction", "decay_fraction", {"type": float, "help": "WSD: fraction of the steps spent decaying (at the end)."}),
     ("--weight-decay", "weight_decay", {"type": float, "help": "AdamW weight decay (not on biases, norms, A_log, D, dt_bias, pad_dimension)."}),
     ("--grad-clip", "grad_clip", {"type": float, "help": "Clip the global gradient norm (0 = off)."}),
     ("--grad-accum", "grad_accum", {"type": int, "help": "Micro-batches per optimizer step."}),

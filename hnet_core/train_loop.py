@@ -331,6 +331,7 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
                             f"(target {_fmt_list(backend_targets, '{:g}')}) | {record['bytes_per_second']:,.0f} B/s "
                             f"| lr {lr:.2e} | grad norm {stats.grad_norm:.2f}")
                     line = f"step {step}/{cfg.steps} {info}"
+                paused = time.perf_counter()  # evaluation and saving do not count against bytes/s
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     result = evaluate(backend, val_batches)
                     if result is not None:
@@ -338,13 +339,15 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
                                    "compression": result.compression, "bytes": result.num_bytes})
                         display.note(f"eval step {step}: val loss {result.loss:.4f} bpb {result.bits_per_byte:.4f} "
                                      f"compression {_fmt_list(result.compression)}")
-                if step % cfg.save_every == 0 and step != cfg.steps:
+                saved_now = step % cfg.save_every == 0 and step != cfg.steps
+                if saved_now:
                     save(step)
+                window_start += time.perf_counter() - paused
                 display.update(step, info, line)
                 early = (stop_at is not None and step >= stop_at) or (
                     time_limit is not None and time.perf_counter() - t0 >= time_limit)
                 if _any_rank(backend, stop.requested or early):
-                    path = save(step)
+                    path = last_saved if saved_now else save(step)
                     display.close()
                     why = "interrupted" if stop.requested else "stopped early"
                     display.note(f"{why}: saved {path} at step {step}; continue with --resume")
