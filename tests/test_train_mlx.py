@@ -281,3 +281,26 @@ def test_mlx_launch_two_processes_equal_one_process_with_the_same_global_batch(t
     lb = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert np.allclose(la, lb, atol=1e-5), (la, lb)
     assert json.load(open(tmp_path / "two" / "train_config.json"))["batch_size"] == 4
+
+
+def test_padded_batches_train_the_same_as_torch(tmp_path):
+    """--packing padded in MLX follows the torch trainer step for step (3 steps, same init)."""
+    torch = pytest.importorskip("torch")
+    import hnet_torch
+    from hnet_torch.train import train as torch_train
+
+    torch.manual_seed(0)
+    model = hnet_torch.HNetForCausalLM(config_1stage())
+    model.init_weights()
+    hnet_torch.save_pretrained(model, tmp_path / "init")
+    _, data, tc = tiny_run(tmp_path, steps=3, warmup=1, packing="padded", text=TEXT * 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch_train(None, str(tmp_path / "init"), data, str(tmp_path / "t"), tc, show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    finetune(str(tmp_path / "init"), data, str(tmp_path / "m"), tc, show_progress=False)
+    lt = [r["loss"] for r in read_metrics(tmp_path / "t" / "metrics.jsonl")]
+    lm = [r["loss"] for r in read_metrics(tmp_path / "m" / "metrics.jsonl")]
+    np.testing.assert_allclose(lm, lt, atol=1e-5)
