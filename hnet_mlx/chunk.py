@@ -36,7 +36,8 @@ class ChunkLayer(nn.Module):
             flat = boundary_mask[0]
             counts = mx.cumsum(flat.astype(mx.int32), axis=0)
             inner_cu = mx.concatenate([mx.zeros((1,), dtype=mx.int32), counts[cu_seqlens[1:] - 1]])
-            return mx.take(h, boundary_positions(flat), axis=1), None, inner_cu
+            # Offsets carry no gradient (a VJP through gathers indexed by them would be refused).
+            return mx.take(h, boundary_positions(flat), axis=1), None, mx.stop_gradient(inner_cu)
         counts = boundary_mask.sum(-1)
         M = int(counts.max().item())
         order = boundary_order(boundary_mask)[:, :M]

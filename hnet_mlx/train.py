@@ -45,25 +45,6 @@ TRAIN_DEFAULTS = {"steps": 1000, "batch_size": 8, "seq_len": 512, "lr": 1e-3, "w
 FINETUNE_DEFAULTS = {"steps": 200, "batch_size": 4, "seq_len": 512, "lr": 1e-4, "warmup": 20, "weight_decay": 0.0}
 
 
-def _stop_gradient_of_inner_offsets() -> None:
-    """Workaround: the packed chunk layer derives the inner cu_seqlens from the boundary mask, and
-    MLX refuses a VJP through a gather whose indices sit on the parameters' graph ("Cannot
-    calculate VJP with respect to indices"). Offsets carry no gradient, so stop it there. Remove
-    once hnet_mlx/chunk.py applies mx.stop_gradient to the offsets it returns."""
-    from .chunk import ChunkLayer
-
-    if getattr(ChunkLayer, "_offsets_stopped", False):
-        return
-    original = ChunkLayer.__call__
-
-    def call(self, h, boundary_mask, cu_seqlens=None):
-        inner, inner_mask, inner_cu = original(self, h, boundary_mask, cu_seqlens)
-        return inner, inner_mask, None if inner_cu is None else mx.stop_gradient(inner_cu)
-
-    ChunkLayer.__call__ = call
-    ChunkLayer._offsets_stopped = True
-
-
 def init_distributed():
     """The mx.distributed group when launched by mlx.launch (size 1 otherwise)."""
     return mx.distributed.init()
@@ -74,7 +55,6 @@ class MLXBackend:
 
     def __init__(self, model: HNetForCausalLM, config: TrainConfig, group=None, lora: dict | None = None):
         self.model, self.config, self.lora = model, config, lora
-        _stop_gradient_of_inner_offsets()
         self.group = group if group is not None else mx.distributed.init()
         self.rank, self.world = self.group.rank(), self.group.size()
         self.num_stages = model.config.num_stages

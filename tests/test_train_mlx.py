@@ -25,7 +25,7 @@ from hnet_core.metrics import read_metrics  # noqa: E402
 from hnet_core.train_config import TrainConfig  # noqa: E402
 from hnet_mlx import lora as lora_lib  # noqa: E402
 from hnet_mlx.objective import local_sums, objective, split_loss  # noqa: E402
-from hnet_mlx.train import _stop_gradient_of_inner_offsets, finetune, finetune_command, train  # noqa: E402
+from hnet_mlx.train import finetune, finetune_command, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,6 @@ def new_model(config_fn, seed=0):
 
 @pytest.mark.parametrize("config_fn", [config_1stage, config_2stage])
 def test_objective_equals_hnet_loss_in_value_and_gradient(config_fn):
-    _stop_gradient_of_inner_offsets()
     model = new_model(config_fn)
     ids, cu = packed()
     ratios = [3.0] * model.config.num_stages
@@ -84,7 +83,6 @@ def test_objective_equals_hnet_loss_in_value_and_gradient(config_fn):
 
 
 def test_objective_split_over_two_processes_has_the_global_gradient():
-    _stop_gradient_of_inner_offsets()
     model = new_model(config_2stage, seed=1)
     ids, cu = packed(windows=4)
     cu_np = np.array(cu)
