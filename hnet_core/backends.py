@@ -8,12 +8,15 @@ so the CLIs render output and statistics the same way whichever framework comput
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import HNetError
 
 BACKENDS = ("torch", "mlx", "onnx")
+# The small Austen model shipped with the package (see demo_model/README.md); used when no model is given.
+DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 _EXTRA = {"torch": "torch", "mlx": "mlx", "onnx": "onnx"}
 
 
@@ -65,6 +68,8 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
         mlx_api = _import("hnet_mlx", backend)
         if config is not None:
             raise HNetError("the mlx backend reads config.json from the model directory; convert with `hnet convert torch-to-mlx` first")
+        if dtype is None and os.path.abspath(path) == DEMO_MODEL:
+            dtype = "float32"  # stored in float16 to stay small; MLX's CPU half-precision matmul is slow
         model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
         import mlx.core as mx
 

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from hnet_core.backends import DEMO_MODEL
 from hnet_core.cli import HNetGroup, read_prompts, run_generation, sampling_options
 from hnet_core.errors import HNetError
 
@@ -22,21 +23,21 @@ LAZY_COMMANDS = {
     "eval": ("hnet_mlx.evaluate", "eval_command", "mlx"),
 }
 
-# A model directory shipped inside the package, if any (none is bundled today).
-BUNDLED_MODEL = os.path.join(os.path.dirname(__file__), "default_model")
+# The small demo model shipped with the package (hnet_core/demo_model), used when --model is omitted.
+BUNDLED_MODEL = DEMO_MODEL
 
 NO_MODEL = (
-    "no --model given and this package bundles no default model; download an official checkpoint "
+    "no --model given and the bundled demo model is missing from this install; download an official checkpoint "
     "(e.g. hnet_2stage_XL.pt from huggingface.co/cartesia-ai/hnet_2stage_XL), convert it once with "
     "`hnet convert torch-to-mlx hnet_2stage_XL.pt hnet_2stage_XL-mlx`, then pass --model hnet_2stage_XL-mlx"
 )
 
 
-def resolve_model(path: str | None) -> str:
+def resolve_model(path: str | None, bundled: str = BUNDLED_MODEL) -> str:
     if path:
         return path
-    if os.path.isdir(BUNDLED_MODEL):
-        return BUNDLED_MODEL
+    if os.path.isdir(bundled):
+        return bundled
     raise HNetError(NO_MODEL)
 
 
@@ -66,7 +67,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", "model_path", default=None, help="Converted model directory (hnet convert torch-to-mlx).")
+@click.option("--model", "model_path", default=None,
+              help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="Prompt text, or - for stdin. Repeat it to generate several prompts together.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), default=None,

@@ -116,6 +116,15 @@ def test_cli_generate_errors_are_one_line(args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_cli_generate_without_model_uses_the_bundled_demo_model():
+    result = CliRunner().invoke(main, ["generate", "--prompt", "It is a truth universally acknowledged", "-m", "40",
+                                       "--temp", "0"])
+    assert result.exit_code == 0, result.output
+    assert sum(c.isalpha() or c == " " for c in result.stdout) > 30
+    onnx = CliRunner().invoke(main, ["generate", "--backend", "onnx", "--prompt", "x"])
+    assert onnx.exit_code != 0 and "--backend onnx needs --model" in onnx.output
+
+
 def test_cli_generate_max_tokens_zero_prints_nothing():
     result = CliRunner().invoke(main, ["generate", *MODEL, "--prompt", "Hello", "--max-tokens", "0"])
     assert result.exit_code == 0 and result.stdout == "\n"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from hnet_core import HNetError
 from hnet_core.chunks import byte_boundaries, render_html, segment
 from hnet_core.cli import main as hnet_main
 from hnet_mlx.cli import main
@@ -54,7 +55,6 @@ def test_generate_max_tokens_zero_and_show_chunks(mlx_model):
 
 
 @pytest.mark.parametrize("args, input, message", [
-    (["generate", "--prompt", "x"], None, "no --model given and this package bundles no default model"),
     (["generate", "--model", "nowhere", "--prompt", "x"], None, "not found"),
     (["generate", "--model", f"{FIXTURE_DIR}/model.pt", "--prompt", "x"], None, "convert it first"),
     (["generate", "--model", "MODEL", "--prompt", "-"], b"\xc3\x28 bad", "stdin is not valid UTF-8"),
@@ -68,6 +68,19 @@ def test_errors_are_one_clear_line(mlx_model, args, input, message):
     assert r.exit_code != 0
     assert message in r.output, r.output
     assert "Traceback" not in r.output
+
+
+def test_generate_without_model_uses_the_bundled_demo_model():
+    r = run("generate", "--prompt", "It is a truth universally acknowledged", "-m", "40", "--temp", "0")
+    assert r.exit_code == 0, r.output
+    assert sum(c.isalpha() or c == " " for c in r.stdout) > 30  # the Austen demo writes letters and spaces
+
+
+def test_a_missing_bundled_model_explains_how_to_get_one(tmp_path):
+    from hnet_mlx.cli import resolve_model
+
+    with pytest.raises(HNetError, match="bundled demo model is missing.*hnet convert torch-to-mlx"):
+        resolve_model(None, bundled=str(tmp_path / "gone"))
 
 
 def test_chunks_prints_stages_and_writes_html(mlx_model, tmp_path):

@@ -29,6 +29,16 @@ def test_round_trip_official_pt_to_safetensors_dir_is_identical(tmp_path):
     assert json.load(open(tmp_path / "m" / "config.json")) == json.load(open(CFG))
 
 
+def test_saved_directories_get_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_pretrained(random_torch_model(config_2stage()), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "m").st_mode & 0o777) == oct(0o755)
+    assert oct(os.stat(tmp_path / "m" / "config.json").st_mode & 0o777) == oct(0o644)
+
+
 def test_sharded_save_writes_an_index_and_loads(tmp_path):
     model = random_torch_model(config_2stage())
     save_pretrained(model, tmp_path / "m", max_shard_bytes=100_000)
