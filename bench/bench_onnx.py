@@ -99,6 +99,37 @@ def onnx_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     return {"steps": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps}
 
 
+def batch_rows(text: bytes, batch: int, length: int) -> np.ndarray:
+    """`batch` rows of real text (BOS + bytes), each from a different offset."""
+    step = max(1, (len(text) - length) // batch)
+    return np.array([encode(text[b * step : b * step + length - 1]) for b in range(batch)])
+
+
+@torch.inference_mode()
+def torch_decode_batch(model, rows: np.ndarray, prompt_bytes: int, steps: int) -> dict:
+    ids = torch.from_numpy(rows)
+    cache = model.allocate_inference_cache(batch_size=ids.shape[0], max_seqlen=prompt_bytes + steps + 8)
+    model(ids[:, :prompt_bytes], cache=cache)
+    for t in range(prompt_bytes, prompt_bytes + 4):
+        model.step(ids[:, t : t + 1], cache)
+    t0 = time.perf_counter()
+    for t in range(prompt_bytes + 4, prompt_bytes + 4 + steps):
+        model.step(ids[:, t : t + 1], cache)
+    seconds = time.perf_counter() - t0
+    return {"bytes": steps * ids.shape[0], "seconds": seconds, "bytes_per_s": steps * ids.shape[0] / seconds}
+
+
+def onnx_decode_batch(model, rows: np.ndarray, prompt_bytes: int, steps: int) -> dict:
+    model.prefill(rows[:, :prompt_bytes], capacity=prompt_bytes + steps + 8)
+    for t in range(prompt_bytes, prompt_bytes + 4):
+        model.step(rows[:, t : t + 1])
+    t0 = time.perf_counter()
+    for t in range(prompt_bytes + 4, prompt_bytes + 4 + steps):
+        model.step(rows[:, t : t + 1])
+    seconds = time.perf_counter() - t0
+    return {"bytes": steps * rows.shape[0], "seconds": seconds, "bytes_per_s": steps * rows.shape[0] / seconds}
+
+
 def dir_sizes(path: str) -> dict:
     return {f: os.path.getsize(os.path.join(path, f)) for f in sorted(os.listdir(path))}
 
@@ -110,6 +141,7 @@ def main() -> None:
     ap.add_argument("--decode-prompt", type=int, default=64)
     ap.add_argument("--decode-bytes", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4, help="batch size of the batched decode measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--work", default=os.path.join(HERE, "..", "runs", "bench_onnx"), help="exports are kept here")
     ap.add_argument("--results", default=os.path.join(HERE, "results_onnx.json"))
@@ -126,12 +158,14 @@ def main() -> None:
             json.dump(results, f, indent=1)
         os.replace(tmp, args.results)
 
-    text = sample_text(max(args.prefill_bytes, args.decode_prompt + args.decode_bytes + 8))
+    text = sample_text(max(args.prefill_bytes, args.decode_prompt + args.decode_bytes + 8) * (args.batch + 1))
+    rows = batch_rows(text, args.batch, args.decode_prompt + args.decode_bytes + 8)
     max_seqlen = max(args.prefill_bytes, args.decode_prompt + args.decode_bytes + 8) + 64
     for name in args.models:
         entry = results.setdefault(name, {})
-        todo = [k for k in ("torch_prefill", "torch_decode", "onnx_prefill", "onnx_decode_where", "onnx_decode_cond",
-                            "files") if k not in entry]
+        keys = ("torch_prefill", "torch_decode", "torch_decode_batch", "onnx_prefill", "onnx_decode_where",
+                "onnx_decode_cond", "onnx_decode_batch_where", "onnx_decode_batch_cond", "files")
+        todo = [k for k in keys if k not in entry]
         if not todo:
             continue
         print(f"{name}: building random weights", flush=True)
@@ -147,6 +181,9 @@ def main() -> None:
             if "torch_decode" not in entry:
                 entry["torch_decode"] = measure_decode(model, text, args.decode_prompt, args.decode_bytes)
                 save()
+            if "torch_decode_batch" not in entry:
+                entry["torch_decode_batch"] = torch_decode_batch(model, rows, args.decode_prompt, args.decode_bytes)
+                save()
             print(f"  torch done: {entry['torch_prefill']['bytes_per_s']:.0f} / {entry['torch_decode']['bytes_per_s']:.2f} B/s",
                   flush=True)
         del model
@@ -154,8 +191,8 @@ def main() -> None:
         from hnet_export import OnnxHNet
 
         for variant in ("where", "cond"):
-            key = f"onnx_decode_{variant}"
-            if key in entry and "onnx_prefill" in entry:
+            key, batch_key = f"onnx_decode_{variant}", f"onnx_decode_batch_{variant}"
+            if key in entry and batch_key in entry and "onnx_prefill" in entry:
                 continue
             onnx_model = OnnxHNet(path, provider="cpu", threads=args.threads, step_variant=variant)
             if "onnx_prefill" not in entry:
@@ -163,6 +200,9 @@ def main() -> None:
                 save()
             if key not in entry:
                 entry[key] = onnx_decode(onnx_model, text, args.decode_prompt, args.decode_bytes)
+                save()
+            if batch_key not in entry:
+                entry[batch_key] = onnx_decode_batch(onnx_model, rows, args.decode_prompt, args.decode_bytes)
                 save()
             del onnx_model
             gc.collect()
@@ -172,20 +212,24 @@ def main() -> None:
 
 def print_table(results: dict, args) -> None:
     m = results["machine"]
-    print(f"\nCPU {m['cpu']}, {m['threads']} threads, torch {m['torch']}, onnxruntime {m['onnxruntime']}; float32, batch 1")
-    print(f"prefill: {args.prefill_bytes} bytes (best of {args.repeats}); decode: {args.decode_bytes} teacher-forced steps "
-          f"after a {args.decode_prompt}-byte prompt\n")
+    print(f"\nCPU {m['cpu']}, {m['threads']} threads, torch {m['torch']} eager, onnxruntime {m['onnxruntime']}; "
+          "float32, random weights")
+    print(f"prefill: {args.prefill_bytes} bytes, batch 1 (best of {args.repeats}); decode: {args.decode_bytes} "
+          f"teacher-forced steps after a {args.decode_prompt}-byte prompt, batch 1 and batch {args.batch} "
+          "(bytes/s counts every sample's bytes)\n")
     print("| model | params | prefill B/s torch | prefill B/s onnx | decode B/s torch | decode B/s onnx where "
-          "| decode B/s onnx cond | stage-0 boundary rate (decode) | exported files |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| decode B/s onnx cond | batch {args.batch} decode B/s torch / where / cond | stage-0 boundary rate | exported files |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, e in results.items():
-        if name == "machine" or "onnx_decode_cond" not in e:
+        if name == "machine" or "onnx_decode_batch_cond" not in e:
             continue
         files = ", ".join(f"{f} {s / 1e6:.1f} MB" for f, s in e["files"].items() if s > 1e5)
+        batch = " / ".join(f"{e[k]['bytes_per_s']:.1f}" for k in ("torch_decode_batch", "onnx_decode_batch_where",
+                                                                    "onnx_decode_batch_cond"))
         print(f"| {name} | {e['parameters'] / 1e6:.0f} M | {e['torch_prefill']['bytes_per_s']:.0f} "
               f"| {e['onnx_prefill']['bytes_per_s']:.0f} | {e['torch_decode']['bytes_per_s']:.2f} "
               f"| {e['onnx_decode_where']['bytes_per_s']:.2f} | {e['onnx_decode_cond']['bytes_per_s']:.2f} "
-              f"| {e['onnx_decode_where']['boundary_rate']:.2f} | {files} |")
+              f"| {batch} | {e['onnx_decode_where']['boundary_rate']:.2f} | {files} |")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ MIN_OPSET = 18  # the dynamo exporter's function library starts at opset 18
 DEFAULT_MAX_SEQLEN = 8192  # H-Net's training context (bytes)
 DTYPES = ("float32", "float16")
 WEIGHTS_FILE = "weights.onnx.data"
-EXTERNAL_DATA_AUTO_BYTES = 1 << 30  # share weights through one external file above 1 GiB
+EXTERNAL_DATA_AUTO_BYTES = 64 << 20  # above 64 MiB the graphs share one weights file (not one copy each)
 _ALIGN = 4096  # every tensor in the weights file starts on a page, so readers can map it directly
 
 # Example sizes used for tracing. They only need to differ from 0 and 1 (torch.export specialises
