@@ -156,16 +156,6 @@ def _save(model: ir.Model, path: str) -> None:
     onnx.checker.check_model(path, full_check=True)
 
 
-def _readable(directory: str) -> None:
-    """Temporary files and directories are created private (0600/0700); the export is a normal
-    output, so give it the usual permissions under the user's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for name in os.listdir(directory):
-        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
-
-
 def _versions() -> dict[str, str]:
     import onnxscript
 
@@ -248,7 +238,6 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
         io.atomic_write_text(os.path.join(tmp, "export.json"), json.dumps(meta, indent=2) + "\n")
         io.atomic_write_text(os.path.join(tmp, "io.json"), json.dumps(io_table, indent=1) + "\n")
         result.files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
-        _readable(tmp)
     result.seconds = time.perf_counter() - start
     return result
 
