@@ -3,15 +3,22 @@
 `TextStream` handles one sample: it stops at EOS (255) or a stop string, never prints half a
 UTF-8 character (bytes of an unfinished character wait), never raises on invalid bytes (they
 print as U+FFFD), and holds back bytes that might be the start of a stop string until it is
-clear they are not. `GenerationStep` and `GenerationStats` are what `stream_generate` yields in
-hnet_torch, hnet_mlx and hnet_export alike.
+clear they are not. `decode_loop` is the generation loop all three backends (hnet_torch, hnet_mlx,
+hnet_export) run, so they sample, stream and stop identically: each backend supplies only its
+prefill and step.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable, Generator, List, Sequence, Tuple
 
-from .tokenizer import EOS_ID, Utf8StreamDecoder
+import numpy as np
+
+from .errors import HNetError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import EOS_ID, Utf8StreamDecoder, encode
 
 
 class TextStream:
@@ -94,3 +101,66 @@ class GenerationStats:
         for s, (v, b) in enumerate(zip(valid_counts, boundary_counts)):
             self.stage_tokens[s] += v
             self.stage_boundaries[s] += b
+
+
+def prompt_batch(prompts: str | bytes | Sequence[str | bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the prompts; BOS + bytes per prompt, right-padded with 0: ids (B, L) int64, mask (B, L) bool."""
+    if isinstance(prompts, (str, bytes)):
+        prompts = [prompts]
+    if not prompts:
+        raise HNetError("give at least one prompt")
+    if max_tokens < 0:
+        raise HNetError(f"max_tokens must be >= 0, got {max_tokens}")
+    seqs = [encode(p) for p in prompts]
+    ids = np.zeros((len(seqs), max(len(s) for s in seqs)), dtype=np.int64)
+    mask = np.zeros(ids.shape, dtype=bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+# A backend's two moves: prefill(ids, mask) and step(next_bytes (B, 1)) each return the logits of every
+# sample's last position (B, V) as numpy and, per routing stage, (valid tokens, boundaries) counts.
+Logits = Tuple[np.ndarray, Tuple[List[int], List[int]]]
+
+
+def decode_loop(ids: np.ndarray, mask: np.ndarray, max_tokens: int, sampling: SamplingParams | None,
+                stop: Sequence[str], prefill: Callable[[np.ndarray, np.ndarray], Logits],
+                step: Callable[[np.ndarray], Logits]) -> Generator[GenerationStep, None, GenerationStats]:
+    """The generation loop every backend shares: sample, stream UTF-8 safely, stop, time, count chunks."""
+    B = ids.shape[0]
+    sampler = Sampler(sampling)
+    stats = GenerationStats(prompt_bytes=int(mask.sum()))
+    streams = [TextStream(stop) for _ in range(B)]
+    history = [ids[b, : int(mask[b].sum())].tolist() for b in range(B)]
+    if max_tokens == 0:
+        return stats
+    t0 = time.perf_counter()
+    last, counts = prefill(ids, mask)
+    stats.prefill_seconds = time.perf_counter() - t0
+    stats.add_routing(*counts)
+    t0 = time.perf_counter()
+    for n in range(max_tokens):
+        nxt = sampler(last, history)
+        step_bytes: list[int | None] = []
+        texts: list[str] = []
+        for b in range(B):
+            if streams[b].done:  # finished samples keep stepping (batch shape) but print nothing
+                step_bytes.append(None)
+                texts.append("")
+                continue
+            byte = int(nxt[b])
+            history[b].append(byte)
+            step_bytes.append(byte)
+            texts.append(streams[b].feed(byte))
+            stats.generated_bytes += 1
+        if all(s.done for s in streams) or n == max_tokens - 1:
+            texts = [t + (s.finish() if not s.done else "") for t, s in zip(texts, streams)]
+            stats.decode_seconds = time.perf_counter() - t0
+            yield GenerationStep(step_bytes, texts, [True] * B)
+            return stats
+        yield GenerationStep(step_bytes, texts, [s.done for s in streams])
+        last, counts = step(np.array([[b if b is not None else 0] for b in step_bytes], dtype=np.int64))
+        stats.add_routing(*counts)
+    return stats

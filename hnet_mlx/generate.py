@@ -11,32 +11,17 @@ sampler is hnet_core's (numpy), so torch and MLX draw the same bytes from the sa
 
 from __future__ import annotations
 
-import time
 from typing import Generator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from hnet_core.errors import HNetError
-from hnet_core.sampling import Sampler, SamplingParams
-from hnet_core.streaming import GenerationStats, GenerationStep, TextStream
-from hnet_core.tokenizer import encode
+from hnet_core.sampling import SamplingParams
+from hnet_core.streaming import GenerationStats, GenerationStep, decode_loop, prompt_batch
 
 from .lm import HNetForCausalLM
 
 CACHE_ROUNDING = 128
-
-
-def batch_prompts(prompts: Sequence[str | bytes]) -> tuple[mx.array, mx.array]:
-    """BOS + bytes per prompt, right-padded with 0: ids (B, L) int32 and mask (B, L) bool."""
-    seqs = [encode(p) for p in prompts]
-    L = max(len(s) for s in seqs)
-    ids = np.zeros((len(seqs), L), dtype=np.int32)
-    mask = np.zeros((len(seqs), L), dtype=bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = True
-    return mx.array(ids), mx.array(mask)
 
 
 def _routing_counts(routing) -> tuple[list[int], list[int]]:
@@ -55,62 +40,27 @@ def _peak_memory() -> int | None:
 def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = ()
                     ) -> Generator[GenerationStep, None, GenerationStats]:
-    if isinstance(prompts, (str, bytes)):
-        prompts = [prompts]
-    if not prompts:
-        raise HNetError("give at least one prompt")
-    if max_tokens < 0:
-        raise HNetError(f"max_tokens must be >= 0, got {max_tokens}")
-    sampler = Sampler(sampling)
-    ids, mask = batch_prompts(prompts)
-    B = ids.shape[0]
-    lengths = mask.sum(-1)
-    stats = GenerationStats(prompt_bytes=int(lengths.sum().item()))
-    streams = [TextStream(stop) for _ in range(B)]
-    history = [encode(p) for p in prompts]
-    if max_tokens == 0:
-        return stats
+    ids, mask = prompt_batch(prompts, max_tokens)
+    cache = None
+
+    def prefill(ids_np, mask_np):
+        nonlocal cache
+        ids_m, mask_m = mx.array(ids_np.astype(np.int32)), mx.array(mask_np)
+        # Cache lengths rounded up, so prompts of similar lengths share one compiled decode step.
+        max_seqlen = -(-(ids_np.shape[1] + max_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
+        cache = model.allocate_inference_cache(batch_size=ids_np.shape[0], max_seqlen=max_seqlen)
+        out = model(ids_m, mask=mask_m, cache=cache)
+        lengths = mask_m.sum(-1)
+        last = mx.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+        return np.array(last.astype(mx.float32)), _routing_counts(out.routing)
+
+    def step(next_bytes):
+        out = model.step(mx.array(next_bytes.astype(np.int32)), cache)
+        return np.array(out.logits[:, -1].astype(mx.float32)), _routing_counts(out.routing)
 
     mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    # Cache lengths rounded up, so prompts of similar lengths share one compiled decode step.
-    max_seqlen = -(-(ids.shape[1] + max_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
-    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=max_seqlen)
-    out = model(ids, mask=mask, cache=cache)
-    last = mx.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-    last = np.array(last.astype(mx.float32))
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.add_routing(*_routing_counts(out.routing))
-
-    t0 = time.perf_counter()
-    for n in range(max_tokens):
-        nxt = sampler(last, history)
-        step_bytes: list[int | None] = []
-        texts: list[str] = []
-        for b in range(B):
-            if streams[b].done:
-                step_bytes.append(None)
-                texts.append("")
-                continue
-            byte = int(nxt[b])
-            history[b].append(byte)
-            step_bytes.append(byte)
-            texts.append(streams[b].feed(byte))
-            stats.generated_bytes += 1
-        finished = [s.done for s in streams]
-        if all(finished) or n == max_tokens - 1:
-            for b in range(B):
-                if not streams[b].done:
-                    texts[b] += streams[b].finish()
-            stats.decode_seconds = time.perf_counter() - t0
-            stats.peak_memory_bytes = _peak_memory()
-            yield GenerationStep(step_bytes, texts, [True] * B)
-            return stats
-        yield GenerationStep(step_bytes, texts, finished)
-        feed = np.array([[b if b is not None else 0] for b in step_bytes], dtype=np.int32)
-        out = model.step(feed, cache)
-        stats.add_routing(*_routing_counts(out.routing))
-        last = np.array(out.logits[:, -1].astype(mx.float32))
+    stats = yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step)
+    stats.peak_memory_bytes = _peak_memory()
     return stats
 
 

@@ -10,29 +10,14 @@ returns `GenerationStats` (throughput, per-stage chunk lengths) when it ends.
 
 from __future__ import annotations
 
-import time
 from typing import Generator, Sequence
 
 import torch
 
-from hnet_core.errors import HNetError
-from hnet_core.sampling import Sampler, SamplingParams
-from hnet_core.streaming import GenerationStats, GenerationStep, TextStream
-from hnet_core.tokenizer import encode
+from hnet_core.sampling import SamplingParams
+from hnet_core.streaming import GenerationStats, GenerationStep, decode_loop, prompt_batch
 
 from .lm import HNetForCausalLM
-
-
-def batch_prompts(prompts: Sequence[str | bytes], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BOS + bytes per prompt, right-padded with 0: ids (B, L) int64 and mask (B, L) bool."""
-    seqs = [encode(p) for p in prompts]
-    L = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), L, dtype=torch.long)
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = True
-    return ids.to(device), mask.to(device)
 
 
 def _routing_counts(routing) -> tuple[list[int], list[int]]:
@@ -44,58 +29,25 @@ def _routing_counts(routing) -> tuple[list[int], list[int]]:
 def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
                     sampling: SamplingParams | None = None, stop: Sequence[str] = ()
                     ) -> Generator[GenerationStep, None, GenerationStats]:
-    if isinstance(prompts, (str, bytes)):
-        prompts = [prompts]
-    if not prompts:
-        raise HNetError("give at least one prompt")
-    if max_tokens < 0:
-        raise HNetError(f"max_tokens must be >= 0, got {max_tokens}")
+    ids, mask = prompt_batch(prompts, max_tokens)
     device = model.embeddings.weight.device
-    sampler = Sampler(sampling)
-    ids, mask = batch_prompts(prompts, device)
-    B = ids.shape[0]
-    stats = GenerationStats(prompt_bytes=int(mask.sum()))
-    streams = [TextStream(stop) for _ in range(B)]
-    history = [encode(p) for p in prompts]
-    if max_tokens == 0:
-        return stats
+    cache = None
 
-    t0 = time.perf_counter()
-    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=ids.shape[1] + max_tokens)
-    out = model(ids, mask=mask, cache=cache)
-    last = out.logits[torch.arange(B, device=device), mask.sum(-1) - 1].float().cpu().numpy()  # (B, V)
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.add_routing(*_routing_counts(out.routing))
+    def prefill(ids_np, mask_np):
+        nonlocal cache
+        ids_t, mask_t = torch.from_numpy(ids_np).to(device), torch.from_numpy(mask_np).to(device)
+        B = ids_t.shape[0]
+        cache = model.allocate_inference_cache(batch_size=B, max_seqlen=ids_t.shape[1] + max_tokens)
+        out = model(ids_t, mask=mask_t, cache=cache)
+        last = out.logits[torch.arange(B, device=device), mask_t.sum(-1) - 1]  # (B, V)
+        return last.float().cpu().numpy(), _routing_counts(out.routing)
 
-    t0 = time.perf_counter()
-    for n in range(max_tokens):
-        nxt = sampler(last, history)
-        step_bytes: list[int | None] = []
-        texts: list[str] = []
-        for b in range(B):
-            if streams[b].done:
-                step_bytes.append(None)
-                texts.append("")
-                continue
-            byte = int(nxt[b])
-            history[b].append(byte)
-            step_bytes.append(byte)
-            texts.append(streams[b].feed(byte))
-            stats.generated_bytes += 1
-        finished = [s.done for s in streams]
-        if all(finished) or n == max_tokens - 1:
-            for b in range(B):
-                if not streams[b].done:
-                    texts[b] += streams[b].finish()
-            stats.decode_seconds = time.perf_counter() - t0
-            yield GenerationStep(step_bytes, texts, [True] * B)
-            return stats
-        yield GenerationStep(step_bytes, texts, finished)
-        feed = torch.tensor([[b if b is not None else 0] for b in step_bytes], device=device)
-        out = model.step(feed, cache)
-        stats.add_routing(*_routing_counts(out.routing))
-        last = out.logits[:, -1].float().cpu().numpy()
-    return stats
+    def step(next_bytes):
+        out = model.step(torch.from_numpy(next_bytes).to(device), cache)
+        return out.logits[:, -1].float().cpu().numpy(), _routing_counts(out.routing)
+
+    # inference_mode must cover the steps too, so the loop runs inside this generator
+    return (yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step))
 
 
 def generate(model: HNetForCausalLM, prompt: str | bytes | Sequence[str | bytes], max_tokens: int = 256,

@@ -16,7 +16,7 @@ import hnet_metal_kernels as hk
 from hnet_metal_kernels.emulator import compiler_available
 import hnet_mlx
 from hnet_core.tokenizer import encode
-from hnet_mlx.generate import batch_prompts
+from hnet_core.streaming import prompt_batch
 
 from conftest import TEXT, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
@@ -119,7 +119,7 @@ def test_generation_with_kernels_on_is_unchanged(model):
         with kernels(model, mode) as factory:
             texts[mode] = hnet_mlx.generate(model, prompts, max_tokens=12, temperature=0.0)
             cache = model.allocate_inference_cache(batch_size=2, max_seqlen=64)
-            ids, mask = batch_prompts(prompts)
+            ids, mask = (mx.array(a) for a in prompt_batch(prompts, 0))
             out = model(ids, mask=mask, cache=cache)
             steps = [out.logits]
             for b in encode(" the", add_bos=False):
@@ -128,7 +128,7 @@ def test_generation_with_kernels_on_is_unchanged(model):
         if mode == "on":
             assert {"hnet_ssm_step", "hnet_conv_step"} | FORWARD_KERNELS <= factory.kernel_names()
     assert texts["on"] == texts["off"]
-    valid = np.array(batch_prompts(prompts)[1])
+    valid = np.array(prompt_batch(prompts, 0)[1])
     assert np.abs(logits["on"][0] - logits["off"][0])[valid].max() <= 1e-4
     for s_on, s_off in zip(logits["on"][1:], logits["off"][1:]):
         assert np.abs(s_on - s_off).max() <= 1e-4

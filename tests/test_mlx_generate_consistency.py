@@ -12,7 +12,7 @@ import hnet_mlx
 import hnet_torch
 from hnet_core import HNetError
 from hnet_core.tokenizer import encode
-from hnet_mlx.generate import batch_prompts
+from hnet_core.streaming import prompt_batch
 
 from conftest import TEXT, config_2stage, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
@@ -64,7 +64,7 @@ def test_batched_step_with_ragged_prompts_equals_each_sample_alone(model, step_m
     texts = [TEXT[:37], TEXT[50:55], TEXT[60:81]]
     cont = [encode(TEXT[90:130], add_bos=False), encode(TEXT[20:60], add_bos=False), encode(TEXT[130:170], add_bos=False)]
     n_steps = 24
-    ids, mask = batch_prompts(texts)
+    ids, mask = (mx.array(a) for a in prompt_batch(texts, 0))
     cache = model.allocate_inference_cache(batch_size=3, max_seqlen=ids.shape[1] + n_steps)
     out = model(ids, mask=mask, cache=cache)
     lengths = np_(mask).sum(-1)
