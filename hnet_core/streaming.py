@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, List, Sequence, Tuple
+from typing import Callable, Generator, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -164,3 +164,14 @@ def decode_loop(ids: np.ndarray, mask: np.ndarray, max_tokens: int, sampling: Sa
         last, counts = step(np.array([[b if b is not None else 0] for b in step_bytes], dtype=np.int64))
         stats.add_routing(*counts)
     return stats
+
+
+def collect_texts(steps: Iterable[GenerationStep], prompt: str | bytes | Sequence[str | bytes]) -> str | list[str]:
+    """Join a stream's text per sample: a string for a single prompt, else one string per prompt."""
+    single = isinstance(prompt, (str, bytes))
+    pieces: list[list[str]] = [[] for _ in range(1 if single else len(prompt))]
+    for step in steps:
+        for b, t in enumerate(step.texts):
+            pieces[b].append(t)
+    texts = ["".join(p) for p in pieces]
+    return texts[0] if single else texts

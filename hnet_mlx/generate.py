@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from hnet_core.sampling import SamplingParams
-from hnet_core.streaming import GenerationStats, GenerationStep, decode_loop, prompt_batch
+from hnet_core.streaming import GenerationStats, GenerationStep, collect_texts, decode_loop, prompt_batch
 
 from .lm import HNetForCausalLM
 
@@ -70,11 +70,4 @@ def generate(model: HNetForCausalLM, prompt: str | bytes | Sequence[str | bytes]
     """The generated continuation (a string, or one per prompt for a list of prompts)."""
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
-    single = isinstance(prompt, (str, bytes))
-    n = 1 if single else len(prompt)
-    pieces = [[] for _ in range(n)]
-    for step in stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop):
-        for b, t in enumerate(step.texts):
-            pieces[b].append(t)
-    texts = ["".join(p) for p in pieces]
-    return texts[0] if single else texts
+    return collect_texts(stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop), prompt)

@@ -45,6 +45,17 @@ def config_3stage() -> HNetConfig:
 SMALL_CONFIGS = {"1stage": config_1stage, "2stage": config_2stage, "3stage": config_3stage}
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny torch ops are dominated by thread wake-ups; on a shared 2-core machine one thread is faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=sorted(SMALL_CONFIGS))
 def small_config(request) -> HNetConfig:
     return SMALL_CONFIGS[request.param]()

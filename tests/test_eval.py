@@ -18,12 +18,7 @@ from hnet_core.evaluate import eval_command, evaluate, make_forward, plan_window
 from hnet_core.tokenizer import encode
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,7 @@ MAX_SEQLEN = 128
 OPTIONS = {"2stage": {"external_data": True}, "3stage": {}, "2stage_cond": {"batch_variants": True}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["2stage", "3stage", pytest.param("2stage_cond", marks=pytest.mark.slow)])

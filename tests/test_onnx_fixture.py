@@ -28,13 +28,7 @@ EXPECTED = os.path.join(FIXTURE_DIR, "expected.npz")
 MAX_SEQLEN = 400
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread start-up and contention cost more than they give (torch and onnxruntime).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(export_dir: str, **kw) -> OnnxHNet:

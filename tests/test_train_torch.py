@@ -29,13 +29,7 @@ from conftest import TEXT, config_1stage, config_2stage
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops are dominated by thread wake-ups; on a shared 2-core machine one thread is faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_run(tmp_path, config_fn=config_1stage, text=TEXT, **settings):
