@@ -228,7 +228,7 @@ def run_long(args) -> dict:
 def held_out_bytes(corpus: str, val_fraction: float, val_max: int) -> bytes:
     """The validation bytes the trainer held out (the tail of the framed stream), without BOS/EOS."""
     from hnet_core.data import load_tokens, split_validation
-    from hnet_core.tokenizer import BOS_ID, EOS_ID
+    from hnet_core.tokenizer import EOS_ID
 
     data = load_tokens(corpus)
     _, val = split_validation(data, val_fraction, val_max)

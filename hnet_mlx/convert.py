@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import click
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from hnet_core import io
 from hnet_core.config import HNetConfig

@@ -95,3 +95,17 @@ def padded_batch(seqs: list[list[int]], pad: int = 0):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = True
     return ids, mask
+
+
+def tiny_run(tmp_path, config_fn=config_1stage, text=TEXT, **settings):
+    """(config path, data path, TrainConfig) for a short training run of a small config on TEXT."""
+    from hnet_core.train_config import TrainConfig
+
+    cfg_path = tmp_path / "config.json"
+    config_fn().to_json(cfg_path)
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    base = dict(steps=10, batch_size=4, seq_len=64, lr=3e-3, warmup=5, val_fraction=0.0, log_every=1,
+                eval_every=10**6, save_every=10**6)
+    base.update(settings)
+    return str(cfg_path), str(data), TrainConfig(**base)

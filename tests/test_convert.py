@@ -19,7 +19,7 @@ import hnet_torch
 from hnet_core import HNetError
 from hnet_core.io import INDEX_NAME
 from hnet_core.tokenizer import encode
-from hnet_mlx.convert import convert, mlx_to_torch, torch_to_mlx
+from hnet_mlx.convert import convert, torch_to_mlx
 
 from conftest import FIXTURE_DIR, TEXT, config_2stage, random_torch_model
 from mlx_helpers import np_

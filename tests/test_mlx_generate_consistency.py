@@ -6,7 +6,6 @@ generation picks the same bytes as hnet_torch on the same weights."""
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
 import hnet_mlx
 import hnet_torch

@@ -17,28 +17,16 @@ from click.testing import CliRunner  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import hnet_mlx  # noqa: E402
-from conftest import TEXT, config_1stage, config_2stage  # noqa: E402
+from conftest import TEXT, config_1stage, config_2stage, tiny_run  # noqa: E402
 from hnet_core import checkpoint as ckpt  # noqa: E402
 from hnet_core.data import BatchSampler, frame  # noqa: E402
 from hnet_core.errors import HNetError  # noqa: E402
 from hnet_core.metrics import read_metrics  # noqa: E402
-from hnet_core.train_config import TrainConfig  # noqa: E402
 from hnet_mlx import lora as lora_lib  # noqa: E402
 from hnet_mlx.objective import local_sums, objective, split_loss  # noqa: E402
 from hnet_mlx.train import finetune, finetune_command, train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_run(tmp_path, config_fn=config_1stage, text=TEXT, **settings):
-    cfg_path = tmp_path / "config.json"
-    config_fn().to_json(cfg_path)
-    data = tmp_path / "text.txt"
-    data.write_text(text)
-    base = dict(steps=10, batch_size=4, seq_len=64, lr=3e-3, warmup=5, val_fraction=0.0, log_every=1,
-                eval_every=10**6, save_every=10**6)
-    base.update(settings)
-    return str(cfg_path), str(data), TrainConfig(**base)
 
 
 def weights(path) -> dict[str, np.ndarray]:

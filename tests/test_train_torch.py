@@ -19,28 +19,16 @@ from hnet_core import checkpoint as ckpt
 from hnet_core.data import BatchSampler, frame
 from hnet_core.errors import HNetError
 from hnet_core.metrics import read_metrics
-from hnet_core.train_config import TrainConfig
 from hnet_torch import HNetForCausalLM, hnet_loss, load_pretrained
 from hnet_torch.objective import local_sums, objective, split_loss
 from hnet_torch.train import TorchBackend, train, train_command
 
-from conftest import TEXT, config_1stage, config_2stage
+from conftest import TEXT, config_1stage, config_2stage, tiny_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_run(tmp_path, config_fn=config_1stage, text=TEXT, **settings):
-    cfg_path = tmp_path / "config.json"
-    config_fn().to_json(cfg_path)
-    data = tmp_path / "text.txt"
-    data.write_text(text)
-    base = dict(steps=10, batch_size=4, seq_len=64, lr=3e-3, warmup=5, val_fraction=0.0, log_every=1,
-                eval_every=10**6, save_every=10**6)
-    base.update(settings)
-    return str(cfg_path), str(data), TrainConfig(**base)
 
 
 def final_state(out) -> dict[str, torch.Tensor]:
