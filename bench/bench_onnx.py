@@ -206,7 +206,7 @@ def main() -> None:
                 save()
             del onnx_model
             gc.collect()
-        print(f"  onnx done", flush=True)
+        print("  onnx done", flush=True)
     print_table(results, args)
 
 
