@@ -211,27 +211,89 @@ def fake_mac(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
 
 
-def test_auto_model_runs_the_kernels_where_measured_faster(tmp_path, fake_mac):
+class FakeClock:
+    """A clock that only moves when a timed run "takes" its fake duration (the real run happens once,
+    so every path is still exercised)."""
+
+    def __init__(self, durations: dict):
+        self.now, self.durations, self.ran, self.timings = 0.0, durations, set(), []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timer(self, budget_s=0.1, reps=5):
+        wall = dispatch.wall_timer(budget_s=budget_s, reps=reps, clock=self)
+
+        def timed(label, run):
+            name, path, what = label.split()
+
+            def fake_run():
+                if label not in self.ran:
+                    self.ran.add(label)
+                    run()
+                self.now += self.durations[(name, path, what)]
+
+            self.timings.append(label)
+            return wall(label, fake_run)
+
+        return timed
+
+
+# Mac-like durations (s): the decode kernels win, the scan kernel wins forward and backward, the
+# dechunk kernel loses forward.
+DURATIONS = {
+    ("ssm_step", "kernel", "forward"): 1e-4, ("ssm_step", "pure", "forward"): 3e-4,
+    ("conv_step", "kernel", "forward"): 1e-4, ("conv_step", "pure", "forward"): 2e-4,
+    ("ssd_scan", "kernel", "forward"): 2e-3, ("ssd_scan", "pure", "forward"): 5e-3,
+    ("ssd_scan", "kernel", "backward"): 6e-3, ("ssd_scan", "pure", "backward"): 9e-3,
+    ("ema_dechunk", "kernel", "forward"): 2e-3, ("ema_dechunk", "pure", "forward"): 1e-3,
+    ("ema_dechunk", "kernel", "backward"): 2e-3, ("ema_dechunk", "pure", "backward"): 3e-3,
+}
+
+
+def _generation(model) -> np.ndarray:
+    """Prefill a prompt, then decode 6 bytes: the logits of every step (what generate() samples from)."""
+    prompt = list(TEXT[:30].encode())
+    cache = model.allocate_inference_cache(batch_size=1, max_seqlen=40)
+    out = [model(mx.array([prompt]), cache=cache).logits[:, -1]]
+    for b in TEXT[30:36].encode():
+        out.append(model.step(mx.array([[b]]), cache).logits[:, -1])
+    return np.stack([np_(o) for o in out])
+
+
+def test_auto_generation_measures_once_then_runs_the_faster_paths(tmp_path, fake_mac):
+    """First generation: every shape class it meets is gated and timed (the fake time this adds is
+    bounded); later generations, in this process or the next, measure nothing."""
     model = mlx_from_torch(random_torch_model(config_1stage()))
-    model.compile_step = False
-    ids = mx.array([list(TEXT[:30].encode())])
+    model.compile_step = False  # the emulator cannot be traced by mx.compile
     model.set_kernels("off")
-    reference = np_(model(ids).logits)
+    reference = _generation(model)
     model.set_kernels("auto")
-    timer = FakeTimer({("ssd_scan", "kernel", "forward"): 1e-4, ("ssd_scan", "pure", "forward"): 2e-4,
-                       ("ssd_scan", "kernel", "backward"): 1e-4, ("ssd_scan", "pure", "backward"): 2e-4,
-                       ("ema_dechunk", "kernel", "forward"): 3e-4, ("ema_dechunk", "pure", "forward"): 2e-4})
-    d = dispatcher(tmp_path, timer)
+    clock = FakeClock(DURATIONS)
+    d = dispatcher(tmp_path, clock.timer())
     old = dispatch.set_default_dispatcher(d)
     try:
         with hk.emulated(orders=1) as used:
-            logits = np_(model(ids).logits)
+            first = _generation(model)
+        added = clock.now
+        with hk.emulated(orders=1):
+            again = _generation(model)
+        assert clock.now == added  # later use: cached decisions only
+        dispatch.set_default_dispatcher(dispatcher(tmp_path, clock.timer()))  # "the next process"
+        with hk.emulated(orders=1):
+            _generation(model)
+        assert clock.now == added
     finally:
         dispatch.set_default_dispatcher(old)
-    assert "hnet_ssd_chunk_scan" in used.kernel_names()  # measured faster: the model ran it
-    assert "hnet_ema_dechunk" not in used.kernel_names()  # measured slower: pure path
-    assert {k.split("|")[0] for k in d.decisions} == {"ssd_scan", "ema_dechunk"}
-    assert np.abs(logits - reference).max() <= 1e-4
+    assert np.abs(first - reference).max() <= 1e-4 and np.abs(again - reference).max() <= 1e-4
+    assert {"hnet_ssd_chunk_scan", "hnet_ssm_step", "hnet_conv_step"} <= used.kernel_names()
+    assert "hnet_ema_dechunk" not in used.kernel_names()
+    classes = {k.split("|")[0] for k in d.decisions}
+    assert classes == {"ssd_scan", "ema_dechunk", "ssm_step", "conv_step"}
+    # each timing: warm-up + runs until 0.1 s has passed (at most 5) -> at most 0.1 s + 2 runs
+    assert added <= sum(0.1 + 2 * DURATIONS[tuple(label.split())] for label in clock.timings)
+    print(f"first generation: {len(d.decisions)} shape classes, {len(d.gates)} variants gated, "
+          f"{len(clock.timings)} timings, {added * 1e3:.1f} ms of fake time added; later generations: 0")
 
 
 def test_auto_on_linux_never_measures(tmp_path):
