@@ -266,25 +266,33 @@ class Dispatcher:
 
     # -- cache file ------------------------------------------------------------------------
 
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
+    def _read(self) -> dict[str, Decision]:
+        """The decisions on disk that are valid here (none if measured for another identity)."""
         try:
             data = json.loads(self._file().read_text())
         except (OSError, ValueError):
-            return
+            return {}
         if not isinstance(data, dict) or data.get("identity") != identity():
-            return  # measured for another chip, OS, MLX or kernel source: measure again
+            return {}  # measured for another chip, OS, MLX or kernel source: measure again
+        out = {}
         for key, d in (data.get("decisions") or {}).items():
             try:
-                self.decisions.setdefault(key, Decision(bool(d["use_kernel"]), list(d["kernel_s"]), list(d["pure_s"])))
-            except (KeyError, TypeError):
+                out[key] = Decision(bool(d["use_kernel"]), [float(x) for x in d["kernel_s"]], [float(x) for x in d["pure_s"]])
+            except (KeyError, TypeError, ValueError):
                 continue
+        return out
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for key, decision in self._read().items():
+                self.decisions.setdefault(key, decision)
 
     def _save(self) -> None:
         from hnet_core.io import atomic_write_text
 
+        for key, decision in self._read().items():  # keep what another process added meanwhile
+            self.decisions.setdefault(key, decision)
         data = {"identity": identity(), "decisions": {k: d.as_json() for k, d in sorted(self.decisions.items())}}
         try:
             self._file().parent.mkdir(parents=True, exist_ok=True)

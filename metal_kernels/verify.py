@@ -130,7 +130,7 @@ SMALL_CONFIG = {
 
 
 def random_model(config, dtype=mx.float32, noise: float = 0.02, seed: int = 0):
-    """A model with the official init plus noise (routing then makes non-trivial decisions)."""
+    """A model with the official init plus noise (routing then makes non-trivial decisions), in `dtype`."""
     from mlx.utils import tree_map
 
     from hnet_mlx.lm import HNetForCausalLM
@@ -138,15 +138,15 @@ def random_model(config, dtype=mx.float32, noise: float = 0.02, seed: int = 0):
     mx.random.seed(seed)
     model = HNetForCausalLM(config)
     model.init_weights()
-    model.update(tree_map(lambda p: p + noise * mx.random.normal(p.shape), model.parameters()))
     model.set_dtype(dtype)
+    model.update(tree_map(lambda p: p + (noise * mx.random.normal(p.shape)).astype(p.dtype), model.parameters()))
     mx.eval(model.parameters())
     return model
 
 
-def _decode_logits(model, mode: str, prompt: list[int], steps: list[int]) -> list[np.ndarray]:
-    model.set_kernels(mode)
-    cache = model.allocate_inference_cache(batch_size=1, max_seqlen=len(prompt) + len(steps) + 1)
+def _decode_logits(model, prompt: list[int], steps: list[int], max_seqlen: int | None = None) -> list[np.ndarray]:
+    """Prefill `prompt`, then one compiled (or not: model.compile_step) decode step per byte of `steps`."""
+    cache = model.allocate_inference_cache(batch_size=1, max_seqlen=max_seqlen or len(prompt) + len(steps) + 1)
     out = [model(mx.array([prompt]), cache=cache).logits[:, -1]]
     for b in steps:
         out.append(model.step(mx.array([[b]]), cache).logits[:, -1])
@@ -161,8 +161,10 @@ def compiled_step() -> dict:
     model = random_model(HNetConfig.from_dict(SMALL_CONFIG))
     model.compile_step = True
     prompt, steps = list(b"The old lighthouse keeper climbed"), list(b" the spiral stairs")
-    off = _decode_logits(model, "off", prompt, steps)
-    on = _decode_logits(model, "on", prompt, steps)
+    model.set_kernels("off")
+    off = _decode_logits(model, prompt, steps)
+    model.set_kernels("on")
+    on = _decode_logits(model, prompt, steps)
     diff = max(float(np.abs(a - b).max()) for a, b in zip(on, off))
     return {"max_abs_logit_diff": diff, "steps": len(steps), "result": "ok" if diff <= 1e-4 else f"FAIL: {diff:.3g} > 1e-4"}
 
@@ -240,11 +242,14 @@ def model_timing(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     prompt = rng.integers(32, 127, prompt_bytes).tolist()
     steps = rng.integers(32, 127, decode_steps).tolist()
+    size = prompt_bytes + decode_steps + 1
     rows, logits = [], {}
     for mode in ("off", "on", "auto"):
         model.set_kernels(mode)
-        _decode_logits(model, mode, prompt[:64], steps[:4])  # warm-up: compiles the step, measures "auto"
-        cache = model.allocate_inference_cache(batch_size=1, max_seqlen=prompt_bytes + decode_steps + 1)
+        # warm-up at the same sizes: compiles the decode step and lets "auto" gate and time every
+        # shape class it will meet, so the timed run below measures steady state
+        _decode_logits(model, prompt, steps[:2], max_seqlen=size)
+        cache = model.allocate_inference_cache(batch_size=1, max_seqlen=size)
         t = time.perf_counter()
         first = model(mx.array([prompt]), cache=cache).logits[:, -1]
         mx.eval(first)
@@ -260,6 +265,9 @@ def model_timing(quick: bool) -> list[dict]:
                      "decode_steps": decode_steps, "decode_bytes_per_s": round(decode_steps / decode_s, 2)})
     for row in rows:
         row["max_abs_logit_diff_vs_off"] = max(float(np.abs(a - b).max()) for a, b in zip(logits[row["kernels"]], logits["off"]))
+    chosen = dispatch.default_dispatcher().decisions
+    rows[-1]["auto_chose_kernel_for"] = sorted(k for k, d in chosen.items() if d.use_kernel)
+    rows[-1]["auto_chose_pure_for"] = sorted(k for k, d in chosen.items() if not d.use_kernel)
     return rows
 
 
