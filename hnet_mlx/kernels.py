@@ -34,8 +34,6 @@ from . import ssd
 
 KERNEL_MODES = ("auto", "on", "off")
 METAL_PACKAGE = "hnet_metal_kernels"
-
-
 ENV_MODE = "HNET_METAL_KERNELS"
 _IMPORT_ERRORS: dict[str, str] = {}  # package -> why it failed to import (reported once)
 

@@ -243,6 +243,7 @@ class Dispatcher:
     _loaded: bool = False
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _warned: set = field(default_factory=set)
+    _failed: set = field(default_factory=set)  # classes whose timing raised (pure path, this process)
 
     def _file(self) -> Path:
         return self.path if self.path is not None else cache_dir() / CACHE_FILE
@@ -333,12 +334,22 @@ class Dispatcher:
             self._load()
             decision = self.decisions.get(key)
             if decision is None:
+                if key in self._failed:
+                    return False
                 if self.measured_s >= self.max_total_s:
                     # bounded: a program hitting many shapes measures some and runs the rest pure
                     # (unmeasured classes are not remembered; the next process measures them)
                     return False
                 start = time.perf_counter()
-                decision = self.measure(name, sizes, variant)
+                try:
+                    decision = self.measure(name, sizes, variant)
+                except Exception as exc:  # a kernel that passed its check but fails at this shape: pure path
+                    self.measured_s += time.perf_counter() - start
+                    self._warn(("measure", key), f"hnet_metal_kernels: timing {key} failed ({type(exc).__name__}: "
+                               f"{exc}); using the pure-MLX path for it. Please report this with "
+                               "`python -m hnet_metal_kernels.verify`.")
+                    self._failed.add(key)  # not remembered on disk: a later process tries again
+                    return False
                 self.measured_s += time.perf_counter() - start
                 self.decisions[key] = decision
                 self._save()

@@ -306,3 +306,16 @@ def test_auto_on_linux_never_measures(tmp_path):
     finally:
         dispatch.set_default_dispatcher(old)
     assert timer.calls == []
+
+
+def test_a_kernel_failing_while_timed_runs_the_pure_path(tmp_path):
+    def timer(label, run):
+        if "kernel" in label:
+            raise RuntimeError("pipeline creation failed")
+        return 1.0
+
+    d = dispatcher(tmp_path, timer)
+    with pytest.warns(RuntimeWarning, match="timing ssm_step.*pipeline creation failed"):
+        assert d.prefer_kernel("ssm_step", step_args()) is False
+    assert d.prefer_kernel("ssm_step", step_args()) is False
+    assert not d.decisions and not (tmp_path / "dispatch.json").exists()
