@@ -55,7 +55,7 @@ class CausalMHA(nn.Module):
         self.d_model, self.num_heads = d_model, num_heads
         self.head_dim = d_model // num_heads
         self.rotary_emb_dim, self.window_size, self.rotary_base = rotary_emb_dim, window_size, rotary_base
-        self.use_kernels = "auto"
+        self.use_kernels = kernels.default_mode()  # $HNET_METAL_KERNELS, else "auto"
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 

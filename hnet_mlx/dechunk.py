@@ -35,7 +35,7 @@ class DeChunkLayer(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
-        self.use_kernels = "auto"
+        self.use_kernels = kernels.default_mode()  # $HNET_METAL_KERNELS, else "auto"
 
     def allocate_state(self, batch_size: int) -> DeChunkState:
         return DeChunkState(last_value=mx.zeros((batch_size, self.d_model), dtype=mx.float32))

@@ -5,10 +5,15 @@ Every mixer (and the dechunk layer) calls these functions with its `use_kernels`
   * "on": the Metal kernels of `hnet_metal_kernels` (`ssd_scan`, `ssm_step`, `ema_dechunk`,
     `conv_step`), called with exactly the signatures of their pure twins below. Raises when the
     package does not import. (On Linux this only works with that package's emulator switched in.)
-  * "auto": the kernels when Metal is available, the default device is the GPU, the package
-    imports and its self-test passes on this machine (run once per process: a kernel that this
-    Mac's Metal compiler rejects or that disagrees with the pure path must not break the model);
-    pure MLX otherwise (always on this Linux CPU build).
+  * "auto": on a Mac (Metal available, default device the GPU, the package imports), each call
+    asks `hnet_metal_kernels.dispatch.prefer_kernel`: the call's compiled variant must pass a
+    check against the pure path (once per process), and the kernel must be faster than the pure
+    path for the call's shape class (timed once on this machine at first use, remembered on disk).
+    Pure MLX otherwise (always on Linux).
+The default mode of a new model is `HNET_METAL_KERNELS` (on|off|auto, default auto); an explicit
+`model.set_kernels(...)` wins. A missing hnet_metal_kernels package means pure MLX for "auto"; a
+package that is installed but fails to import is reported once (a warning with the cause) and
+"on" raises with that cause.
 The pure functions are what tests/test_metal_kernels*.py hold the kernels to, so their
 signatures are a contract: keep them unchanged.
 """
@@ -16,6 +21,7 @@ signatures are a contract: keep them unchanged.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from functools import lru_cache
 
@@ -28,22 +34,43 @@ from . import ssd
 
 KERNEL_MODES = ("auto", "on", "off")
 METAL_PACKAGE = "hnet_metal_kernels"
+ENV_MODE = "HNET_METAL_KERNELS"
+_IMPORT_ERRORS: dict[str, str] = {}  # package -> why it failed to import (reported once)
+
+
+def default_mode() -> str:
+    """The `use_kernels` a new model starts with: $HNET_METAL_KERNELS, else "auto"."""
+    mode = os.environ.get(ENV_MODE, "").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise HNetError(f"{ENV_MODE}={os.environ[ENV_MODE]!r} is not one of {KERNEL_MODES}; fix or unset it")
+    return mode
 
 
 @lru_cache(maxsize=None)
 def _module(name: str):
+    """The package, or None when it is not installed. Any other import failure is a bug in an
+    installed package: it is reported once and remembered, so that "on" can raise with its cause."""
     try:
         return importlib.import_module(name)
-    except Exception:  # ImportError, or a package that fails to initialise
-        return None
+    except ModuleNotFoundError as e:
+        if e.name is not None and (e.name == name or name.startswith(e.name + ".")):
+            return None  # the package itself is absent: pure MLX, nothing to report
+        why = f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - any failure while initialising the package is reported
+        why = f"{type(e).__name__}: {e}"
+    _IMPORT_ERRORS[name] = why
+    warnings.warn(f"{name} is installed but failed to import ({why}); using the pure-MLX paths", RuntimeWarning,
+                  stacklevel=3)
+    return None
 
 
 def _metal():
     return _module(METAL_PACKAGE)
 
 
-def use_fused(mode: str, name: str) -> bool:
-    """Whether kernel `name` of hnet_metal_kernels should run for this `use_kernels` mode."""
+def use_fused(mode: str, name: str, args: tuple | None = None) -> bool:
+    """Whether kernel `name` of hnet_metal_kernels should run for this `use_kernels` mode and call
+    (`args`: the kernel's positional arguments; "auto" gates and times on them, see the module doc)."""
     if mode not in KERNEL_MODES:
         raise HNetError(f"use_kernels must be one of {KERNEL_MODES}, got {mode!r}")
     if mode == "off":
@@ -52,25 +79,17 @@ def use_fused(mode: str, name: str) -> bool:
     present = module is not None and hasattr(module, name)
     if mode == "on":
         if not present:
+            if METAL_PACKAGE in _IMPORT_ERRORS:
+                raise HNetError(f"use_kernels='on': {METAL_PACKAGE} failed to import: {_IMPORT_ERRORS[METAL_PACKAGE]}")
             raise HNetError(
                 f"use_kernels='on' needs the {METAL_PACKAGE} package with kernel {name!r} (Apple silicon); use 'auto'"
             )
         return True
-    return present and mx.metal.is_available() and mx.default_device().type == mx.gpu and _kernels_pass_self_test()
-
-
-@lru_cache(maxsize=None)
-def _kernels_pass_self_test() -> bool:
-    """Once per process, before "auto" trusts the Metal kernels: each must match its pure twin."""
-    try:
-        problems = {k: v for k, v in _metal().self_test().items() if v}
-    except Exception as e:  # the self-test itself failing is a failed self-test
-        problems = {"self_test": f"{type(e).__name__}: {e}"}
-    if problems:
-        name, why = next(iter(problems.items()))
-        warnings.warn(f"hnet_metal_kernels failed its self-test ({name}: {why}); using the pure-MLX paths. "
-                      "Please report this with `python -m hnet_metal_kernels.selftest`.", RuntimeWarning, stacklevel=2)
-    return not problems
+    if not (present and mx.metal.is_available() and mx.default_device().type == mx.gpu):
+        return False
+    if args is None:  # no call to measure: the variant gate alone cannot be run either
+        return False
+    return bool(module.dispatch.prefer_kernel(name, tuple(args)))
 
 
 # -- Mamba2 scan ---------------------------------------------------------------------------
@@ -79,7 +98,7 @@ def _kernels_pass_self_test() -> bool:
 def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_state=None, mode: str = "auto"):
     """x (b,l,h,p), softplus'ed dt (b,l,h) fp32, A (h,), B/C (b,l,g,n), D (h,) | None,
     seq_idx (b,l) int32 | None, initial_state (b,h,p,n) | None -> y (b,l,h,p) fp32, final state (b,h,p,n) fp32."""
-    if use_fused(mode, "ssd_scan"):
+    if use_fused(mode, "ssd_scan", (x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)):
         return _metal().ssd_scan(x, dt, A, B, C, chunk_size, D, seq_idx, initial_state)
     return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_state=initial_state)
 
@@ -87,7 +106,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, seq_idx=None, initial_stat
 def ssm_step(state, x, dt, dt_bias, A, B, C, D, mode: str = "auto"):
     """state (b,h,p,n) fp32, x (b,h,p), dt (b,h) before softplus, dt_bias/A/D (h,), B/C (b,g,n)
     -> y (b,h,p) fp32, new state (b,h,p,n) fp32."""
-    if use_fused(mode, "ssm_step"):
+    if use_fused(mode, "ssm_step", (state, x, dt, dt_bias, A, B, C, D)):
         return _metal().ssm_step(state, x, dt, dt_bias, A, B, C, D)
     return ssd.ssm_step(state, x, dt, dt_bias, A, B, C, D)
 
@@ -98,7 +117,7 @@ def ssm_step(state, x, dt, dt_bias, A, B, C, D, mode: str = "auto"):
 def ema_dechunk(values, p, chunk_index, seq_idx=None, mode: str = "auto"):
     """values (b,m,d), p (b,m) clamped, chunk_index (b,l) int32, seq_idx (b,m) int32 | None
     -> out (b,l,d) fp32 with out[:, t] = EMA(values)[:, chunk_index[:, t]]."""
-    if use_fused(mode, "ema_dechunk"):
+    if use_fused(mode, "ema_dechunk", (values, p, chunk_index, seq_idx)):
         return _metal().ema_dechunk(values, p, chunk_index, seq_idx)
     return ssd.ema_dechunk(values, p, chunk_index, seq_idx)
 
@@ -125,7 +144,7 @@ def causal_conv1d_silu(x, weight, bias, seq_idx=None, mode: str = "auto"):
 
 def conv_step(conv_state, x, weight, bias, mode: str = "auto"):
     """Shift x (b, c) into conv_state (b, c, k); return SiLU(conv) (b, c) and the new state."""
-    if use_fused(mode, "conv_step"):
+    if use_fused(mode, "conv_step", (conv_state, x, weight, bias)):
         return _metal().conv_step(conv_state, x, weight, bias)
     new_state = mx.concatenate([conv_state[:, :, 1:], x[:, :, None].astype(conv_state.dtype)], axis=-1)
     out = (new_state * weight).sum(-1) + bias

@@ -40,7 +40,7 @@ class Mamba2(nn.Module):
         self.headdim = headdim
         self.nheads = self.d_inner // headdim
         self.conv_dim = self.d_inner + 2 * d_state
-        self.use_kernels = "auto"
+        self.use_kernels = kernels.default_mode()  # $HNET_METAL_KERNELS, else "auto"
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * d_state + self.nheads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=True)
         # mamba_ssm init: dt log-uniform in [1e-3, 1e-1] (floor 1e-4), dt_bias = softplus^-1(dt); A ~ U[1, 16].

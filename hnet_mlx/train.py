@@ -209,7 +209,7 @@ def new_model(config_path: str, seed: int) -> HNetForCausalLM:
 
 def run(model_fn, data: str, out: str, train_config: TrainConfig, resume: str | None, explicit: dict,
         lora: dict | None = None, show_progress: bool = True, stop_at: int | None = None,
-        time_limit: float | None = None, kernels: str = "auto") -> str:
+        time_limit: float | None = None, kernels: str | None = None) -> str:
     """Plan, load data, build the model (model_fn(resume_dir) -> model), train."""
     group = init_distributed()
     plan = train_loop.plan_run(out, train_config, resume, explicit)
@@ -217,7 +217,8 @@ def run(model_fn, data: str, out: str, train_config: TrainConfig, resume: str | 
         lora = plan.resume_state["lora"]
     sampler, val = train_loop.load_data(data, plan.config)
     model = model_fn(plan.resume_from)
-    model.set_kernels(kernels)
+    if kernels is not None:  # else the model's default: $HNET_METAL_KERNELS, or "auto"
+        model.set_kernels(kernels)
     if lora is not None:
         mx.random.seed(plan.config.seed)
         lora["adapted"] = lora_lib.apply_lora(model, lora["rank"], tuple(lora["layers"]), lora["scale"])
@@ -274,8 +275,8 @@ def finetune(model_path: str | None, data: str, out: str, train_config: TrainCon
 
 
 _common = [
-    click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                 help="Metal kernels (Apple silicon) or pure MLX."),
+    click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default=None,
+                 help="Metal kernels (Apple silicon) or pure MLX  [default: $HNET_METAL_KERNELS, else auto]"),
 ]
 
 

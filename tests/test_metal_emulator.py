@@ -5,6 +5,8 @@ barrier divergence, unwritten output, threadgroup overruns, address-space mistak
 
 from __future__ import annotations
 
+import warnings
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -344,3 +346,16 @@ def test_every_attribute_mlx_declares_is_passed_with_its_value():
     assert out[2, 65].tolist() == [16, 2, 32, 0, 70, 3, 0, 2, 0, 1, 32, 1, 1, 1, 65, 1, 0, 2, 1, 3, 70, 32, 6, 1, 0, 0]
     # thread (x=40, y=1): full group (1, 0); local (8, 1); index 1 * 32 + 8 = 40
     assert out[1, 40].tolist() == [16, 2, 32, 0, 70, 3, 10, 16, 1, 2, 32, 0, 8, 40, 40, 8, 1, 1, 0, 3, 70, 32, 32, 2, 0, 0]
+
+
+def test_the_emulator_says_once_when_the_address_space_check_is_off(monkeypatch):
+    from hnet_metal_kernels.emulator import build, launch
+
+    monkeypatch.setattr(build, "clang", lambda: None)
+    monkeypatch.setattr(build, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="address-space check is OFF: clang\\+\\+ is not installed"):
+        kernel = launch.EmulatedKernel("k", ["a"], ["out"], "out[0] = a[0];")
+    assert kernel.check_address_spaces is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch.EmulatedKernel("k", ["a"], ["out"], "out[0] = a[0];")  # said once per process

@@ -1,6 +1,14 @@
-"""The full MLX model with kernels forced on (use_kernels="on", run through the CPU emulator here)
-reproduces the pure-MLX model: logits and boundary decisions for padded batches and packed
-sequences, gradients of every parameter, and generation (prefill + decode steps)."""
+"""The full MLX model with kernels forced on (use_kernels="on") reproduces the pure-MLX model: logits
+and boundary decisions for padded batches and packed sequences, gradients of every parameter, and
+generation (prefill + decode steps).
+
+Each test runs on two backends:
+  * "emulator" (everywhere with g++): the kernels run on the CPU emulator. It runs kernels eagerly
+    on the host, so it cannot be traced by mx.compile: the decode step is run uncompiled
+    (compile_step=False).
+  * "metal" (Apple silicon only, skipped elsewhere): real `mx.fast.metal_kernel`, with the decode
+    step mx.compile'd (compile_step=True, the default a Mac user gets), so the compiled step with
+    kernels on is what the generation test checks there."""
 
 from __future__ import annotations
 
@@ -21,22 +29,39 @@ from hnet_core.streaming import prompt_batch
 from conftest import TEXT, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
 
-pytestmark = pytest.mark.skipif(not compiler_available(), reason="the Metal emulator needs g++ (apt-get install g++)")
+METAL = bool(mx.metal.is_available())
 
 ROWS = [TEXT[:61], TEXT[100:131], TEXT[140:147]]  # ragged: padding at every inner level too
 
 
+@pytest.fixture(params=[
+    "emulator",
+    pytest.param("metal", marks=[pytest.mark.metal, pytest.mark.skipif(not METAL, reason="needs Apple silicon (Metal)")]),
+])
+def backend(request) -> str:
+    if request.param == "emulator" and not compiler_available():
+        pytest.skip("the Metal emulator needs g++ (apt-get install g++)")
+    return request.param
+
+
 @pytest.fixture
-def model(small_config):
+def model(small_config, backend):
     m = mlx_from_torch(random_torch_model(small_config))
-    m.compile_step = False  # the emulator runs eagerly on the host; it cannot be traced by mx.compile
+    m.compile_step = backend == "metal"  # the emulator runs eagerly on the host; mx.compile cannot trace it
+    m.backend = backend
     return m
 
 
 def kernels(model, mode: str):
+    """Set the mode; for "on", a block routing the kernels to this test's backend (a fresh factory,
+    so that `kernel_names()` lists what this block built)."""
     model.set_kernels(mode)
+    if mode != "on":
+        return contextlib.nullcontext()
+    if model.backend == "metal":
+        return hk.use_factory(hk.MetalFactory())
     # one thread order: every kernel is checked in three orders by test_metal_kernels.py
-    return hk.emulated(orders=1) if mode == "on" else contextlib.nullcontext()
+    return hk.emulated(orders=1)
 
 
 FORWARD_KERNELS = {"hnet_ssd_chunk_state", "hnet_ssd_state_passing", "hnet_ssd_chunk_scan", "hnet_ema_dechunk"}
@@ -112,6 +137,7 @@ def test_gradients_with_kernels_on_match_pure_mlx(model):
 
 
 def test_generation_with_kernels_on_is_unchanged(model):
+    """On Metal the decode steps are mx.compile'd with the kernels traced in (compile_step=True)."""
     prompts = [TEXT[:23], TEXT[50:57]]
     texts = {}
     logits = {}

@@ -77,28 +77,70 @@ def test_unknown_kernel_mode_is_rejected():
         kernels.use_fused("yes", "ssm_step")
 
 
-def test_auto_mode_falls_back_when_the_kernel_self_test_fails(monkeypatch):
-    """On a Mac, "auto" runs the Metal kernels only if they pass their self-test once per process."""
-    import mlx.core as mx
-
-    from hnet_mlx import kernels
+def test_auto_asks_the_measured_dispatch_of_the_kernel_package(monkeypatch):
+    """On a Mac, "auto" runs a kernel only where hnet_metal_kernels.dispatch says so for this call."""
+    asked = []
 
     class FakeMetal:
         def ssd_scan(self, *a):
             raise AssertionError("must not be called")
 
-        def self_test(self):
-            return {"ssd_scan": "differs from the pure-MLX path by 0.5 of its scale", "ssm_step": None}
+        dispatch = types.SimpleNamespace(prefer_kernel=lambda name, args: asked.append((name, len(args))) or False)
 
     monkeypatch.setattr(kernels, "_metal", lambda: FakeMetal())
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    kernels._kernels_pass_self_test.cache_clear()
+    x = mx.zeros((1, 4, 2, 8))
+    y, _ = kernels.ssd_scan(x, mx.zeros((1, 4, 2)), -mx.ones((2,)), mx.zeros((1, 4, 1, 16)), mx.zeros((1, 4, 1, 16)), 8,
+                            mode="auto")
+    assert asked == [("ssd_scan", 9)] and y.shape == x.shape
+
+
+def _package(tmp_path, monkeypatch, name: str, body: str) -> None:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(kernels, "METAL_PACKAGE", name)
+    kernels._module.cache_clear()
+    monkeypatch.setattr(kernels, "_IMPORT_ERRORS", {})
+
+
+@pytest.mark.parametrize("body, cause", [
+    ("raise RuntimeError('metallib version mismatch')", "RuntimeError: metallib version mismatch"),
+    ("import hnet_a_dependency_that_is_not_installed", "No module named 'hnet_a_dependency_that_is_not_installed'"),
+])
+def test_a_kernel_package_that_fails_to_import_is_reported_and_on_raises_the_cause(tmp_path, monkeypatch, body, cause):
+    _package(tmp_path, monkeypatch, "hnet_broken_kernels_pkg", body)
     try:
-        with pytest.warns(RuntimeWarning, match="failed its self-test"):
+        with pytest.warns(RuntimeWarning, match="hnet_broken_kernels_pkg is installed but failed to import"):
             assert kernels.use_fused("auto", "ssd_scan") is False
-        monkeypatch.setattr(FakeMetal, "self_test", lambda self: {"ssd_scan": None})
-        kernels._kernels_pass_self_test.cache_clear()
-        assert kernels.use_fused("auto", "ssd_scan") is True
+        with pytest.raises(HNetError, match=f"failed to import: .*{cause}"):
+            kernels.use_fused("on", "ssd_scan")
     finally:
-        kernels._kernels_pass_self_test.cache_clear()
+        kernels._module.cache_clear()
+
+
+def test_a_missing_kernel_package_is_silent_for_auto(monkeypatch, recwarn):
+    monkeypatch.setattr(kernels, "METAL_PACKAGE", "hnet_no_such_kernel_package")
+    kernels._module.cache_clear()
+    try:
+        assert kernels.use_fused("auto", "ssd_scan") is False
+        with pytest.raises(HNetError, match="needs the hnet_no_such_kernel_package package"):
+            kernels.use_fused("on", "ssd_scan")
+    finally:
+        kernels._module.cache_clear()
+    assert not [w for w in recwarn if "failed to import" in str(w.message)]
+
+
+def test_the_environment_sets_the_default_mode_and_set_kernels_wins(monkeypatch):
+    monkeypatch.setenv("HNET_METAL_KERNELS", "off")
+    model = mlx_from_torch(random_torch_model(config_1stage()))
+    modes = {m.use_kernels for _, m in model.named_modules() if "use_kernels" in m.__dict__}
+    assert modes == {"off"}
+    model.set_kernels("auto")
+    assert {m.use_kernels for _, m in model.named_modules() if "use_kernels" in m.__dict__} == {"auto"}
+    monkeypatch.setenv("HNET_METAL_KERNELS", "fast")
+    with pytest.raises(HNetError, match="HNET_METAL_KERNELS='fast'"):
+        kernels.default_mode()
+    monkeypatch.delenv("HNET_METAL_KERNELS")
+    assert kernels.default_mode() == "auto"

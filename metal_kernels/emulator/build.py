@@ -12,7 +12,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -30,6 +32,18 @@ GXX_FLAGS = [
     "-std=c++17", "-O1", "-fPIC", "-fno-strict-aliasing", "-ftrivial-auto-var-init=pattern",
     "-Wno-attributes", "-Wno-unused-variable", "-Wno-unused-but-set-variable",
 ]
+# Every kernel library carries its own copy of the runtime (whose launch state is a static), so
+# its references must bind inside itself. GNU ld: -Bsymbolic. Apple's ld rejects that flag; its
+# two-level namespace binds references inside the image already, except weak (inline/template)
+# definitions, which dyld coalesces across images: those are hidden. macOS's <ucontext.h> (the
+# fibers) needs _XOPEN_SOURCE, and _DARWIN_C_SOURCE keeps mmap's MAP_ANON visible with it.
+# The macOS flags are written from Apple's documentation and have not been run on a Mac here.
+if sys.platform == "darwin":
+    GXX_FLAGS += ["-D_XOPEN_SOURCE=600", "-D_DARWIN_C_SOURCE", "-fvisibility-inlines-hidden",
+                  "-Wno-deprecated-declarations"]
+    LINK_FLAGS = ["-undefined", "error"]
+else:
+    LINK_FLAGS = ["-Wl,-Bsymbolic"]
 # aarch64: a target where _Float16 and __bf16 exist; no system headers are read.
 CLANG_FLAGS = [
     "-target", "aarch64-linux-gnu", "-march=armv8.6-a+bf16", "-std=c++17", "-fsyntax-only",
@@ -70,6 +84,16 @@ def gxx() -> str:
 def clang() -> str | None:
     """clang++ for the address-space check, or None when it is not installed."""
     return shutil.which("clang++")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_check_off(check: str, why: str) -> None:
+    """Say once per process that a check of the emulator is not running, and why."""
+    if check not in _WARNED:
+        _WARNED.add(check)
+        warnings.warn(f"Metal emulator: the {check} is OFF: {why}", RuntimeWarning, stacklevel=3)
 
 
 def _digest(*parts: str | bytes) -> str:
@@ -220,7 +244,7 @@ def runtime_object() -> Path:
 def compile_kernel(sig: Signature) -> Path:
     """The shared library running this kernel under the emulator (built once per source)."""
     tu = translation_unit(sig)
-    key = _digest(tu, _support_digest(), *GXX_FLAGS)
+    key = _digest(tu, _support_digest(), *GXX_FLAGS)  # LINK_FLAGS depend on the OS only, as does the cache
     target = cache_dir() / f"kernel-{key}.so"
     if target.exists():
         return target
@@ -229,7 +253,7 @@ def compile_kernel(sig: Signature) -> Path:
     src.write_text(tu)
 
     def build(tmp: str) -> None:
-        _run([gxx(), *GXX_FLAGS, "-shared", "-Wl,-Bsymbolic", f"-I{HERE}", str(src), str(runtime), "-o", tmp],
+        _run([gxx(), *GXX_FLAGS, "-shared", *LINK_FLAGS, f"-I{HERE}", str(src), str(runtime), "-o", tmp],
              f"compiling kernel {sig.kernel_name} for the emulator (source: {src})", _body_note(sig))
 
     return _atomic_build(target, build)

@@ -165,7 +165,11 @@ class EmulatedKernel:
         self.header = header
         self.ensure_row_contiguous = ensure_row_contiguous
         self.orders = max(1, min(int(orders), len(ORDER_NAMES)))
-        self.check_address_spaces = build.clang() is not None if check_address_spaces is None else check_address_spaces
+        if check_address_spaces is None:
+            check_address_spaces = build.clang() is not None
+            if not check_address_spaces:
+                build.warn_check_off("address-space check", "clang++ is not installed (apt-get install clang)")
+        self.check_address_spaces = check_address_spaces
         self.check_unwritten = check_unwritten
         self.seed = seed
         self.last_launch: LaunchRecord | None = None
