@@ -285,9 +285,10 @@ def plot_chunks(model_dir: str, text: bytes, path: str) -> None:
     bounds = [b[1:] for b in byte_boundaries([r.boundary_mask[0].numpy() for r in out.routing])]
     chars = text.decode("ascii", errors="replace")
     cols, x, y, colour = 80, 0, 0, -1
-    fig, ax = plt.subplots(figsize=(12, 0.32 * (len(chars) // cols + 4)))
+    rows = len(chars) // cols + 1
+    fig, ax = plt.subplots(figsize=(12, 0.45 * rows + 0.6))
     ax.set_xlim(0, cols)
-    ax.set_ylim(-(len(chars) // cols + 3), 1)
+    ax.set_ylim(-rows + 0.4, 0.6)
     ax.axis("off")
     for i, c in enumerate(chars):
         if bounds[0][i]:
