@@ -146,13 +146,13 @@ def safe_write(out, text: str) -> None:
     out.flush()
 
 
-def print_stats(stats, peak_memory: int | None) -> None:
+def print_stats(stats, peak_memory: tuple[int, str] | None) -> None:
     err = sys.stderr
     err.write("=" * 10 + "\n")
     err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
     err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")
     if peak_memory:
-        err.write(f"Peak memory: {peak_memory / 1e9:.3f} GB\n")
+        err.write(f"Peak memory: {peak_memory[0] / 1e9:.3f} GB ({peak_memory[1]})\n")
     for s, ratio in enumerate(stats.chunk_lengths):
         err.write(f"Stage {s}: {stats.stage_boundaries[s]} chunks over {stats.stage_tokens[s]} tokens, "
                   f"{ratio:.2f} tokens per chunk\n")
