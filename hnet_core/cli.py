@@ -175,7 +175,7 @@ def main() -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
               help="Prompt text, or - for stdin. Repeat to generate a batch together.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Weights dtype (default float32; torch and mlx).")
+              help="Weights dtype (torch, mlx). Default: float32 in torch, as stored in mlx (the demo model: float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")
 @sampling_options
 def generate(backend, model_path, config, prompts, dtype, device, **kw):

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from hnet_core import HNetError
-from hnet_core.chunks import byte_boundaries, render_html, segment
+from hnet_core.chunks import byte_boundaries, chunk_counts, render_html, segment
 from hnet_core.cli import main as hnet_main
 from hnet_mlx.cli import main
 
@@ -103,6 +103,14 @@ def test_byte_boundaries_lift_inner_stages_to_bytes():
     b0, b1 = byte_boundaries([stage0, stage1])
     assert b0.tolist() == stage0.tolist()
     assert np.flatnonzero(b1).tolist() == [0, 3]
+
+
+def test_chunk_counts_include_the_chunk_begun_at_bos():
+    """The text's first bytes belong to the chunk that started at BOS unless byte 0 starts one: never 0 chunks."""
+    assert chunk_counts([np.array([0, 0, 1, 0], dtype=bool), np.zeros(4, dtype=bool)]) == [2, 1]
+    assert chunk_counts([np.array([1, 0, 1, 0], dtype=bool)]) == [2]
+    seg = segment(b"abcd", [np.zeros(4, dtype=bool)])
+    assert seg.chunks(0) == ["abcd"] and seg.compression_ratios([np.zeros(4, dtype=bool)]) == [4.0]
 
 
 def test_segmentation_never_splits_a_character():
