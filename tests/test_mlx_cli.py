@@ -126,3 +126,13 @@ def test_segmentation_never_splits_a_character():
     assert merged.chunks(0) == ["aé€", "b"]
     page = render_html(merged, merged.compression_ratios([bounds]))
     assert page.count("<span") == 2
+
+
+def test_help_lists_every_command_and_each_one_has_help():
+    result = CliRunner().invoke(main, ["--help"], prog_name="hnet-mlx")
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:")[1]
+    for name in ("generate", "chunks", "train", "finetune", "fuse", "eval"):
+        assert re.search(rf"^  {name} ", listed, re.M), name
+        sub = CliRunner().invoke(main, [name, "--help"], prog_name="hnet-mlx")
+        assert sub.exit_code == 0 and sub.output.startswith(f"Usage: hnet-mlx {name} "), (name, sub.output)
