@@ -309,7 +309,7 @@ def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kern
 @click.command("finetune")
 @click.option("--model", "model_path", default=None, help="Model directory to fine-tune.")
 @train_options(FINETUNE_DEFAULTS)
-@click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights.")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights; the run ends with OUT/adapters (no OUT/model): merge them with hnet-mlx fuse.")
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank.")
 @click.option("--lora-layers", default=None,
               help=f"Comma-separated Linear layer names to adapt (default {','.join(lora_lib.DEFAULT_LAYERS)}; or all).")
