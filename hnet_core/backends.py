@@ -25,7 +25,9 @@ class LoadedModel:
     backend: str
     model: Any
     stream_generate: Callable
-    peak_memory: Callable[[], int | None]
+    # -> (bytes, what was measured), or None. The backends measure different things (the process's peak
+    # resident set, the MLX or CUDA allocator's peak), so `-v` names the one it reports.
+    peak_memory: Callable[[], tuple[int, str] | None]
 
 
 def _import(module: str, backend: str):
@@ -37,13 +39,16 @@ def _import(module: str, backend: str):
         ) from None
 
 
-def _rss_peak() -> int | None:
+RSS_PEAK = "peak resident memory of the process"
+
+
+def _rss_peak() -> tuple[int, str] | None:
     try:
         import resource
         import sys
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
+        return (peak if sys.platform == "darwin" else peak * 1024), RSS_PEAK
     except Exception:
         return None
 
@@ -58,9 +63,9 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
 
         model = torch_api.load_pretrained(path, config=config, dtype=dtype, device=device)
 
-        def peak() -> int | None:
+        def peak() -> tuple[int, str] | None:
             if model.embeddings.weight.is_cuda:
-                return int(torch.cuda.max_memory_allocated())
+                return int(torch.cuda.max_memory_allocated()), "peak memory allocated by torch on the GPU"
             return _rss_peak()
 
         return LoadedModel(backend, model, torch_api.stream_generate, peak)
@@ -73,7 +78,11 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
         model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
         import mlx.core as mx
 
-        return LoadedModel(backend, model, mlx_api.stream_generate, lambda: int(mx.get_peak_memory()) or _rss_peak())
+        def mlx_peak() -> tuple[int, str] | None:
+            allocated = int(mx.get_peak_memory())
+            return (allocated, "peak memory allocated by MLX during generation") if allocated else _rss_peak()
+
+        return LoadedModel(backend, model, mlx_api.stream_generate, mlx_peak)
     onnx_api = _import("hnet_export", backend)
     if config is not None or dtype is not None:
         raise HNetError("the onnx backend reads its settings from the exported directory; --config/--dtype apply at export time")

@@ -32,6 +32,12 @@ def byte_boundaries(stage_masks: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def chunk_counts(boundaries: list[np.ndarray]) -> list[int]:
+    """Chunks the text is split into at each stage, from byte-level masks of the text (BOS dropped):
+    the boundaries, plus the chunk that began at BOS where the first byte starts none."""
+    return [int(b.sum()) + (0 if len(b) and b[0] else 1) for b in boundaries]
+
+
 @dataclass
 class Segmentation:
     chars: list[str]  # the text, one entry per character
@@ -40,7 +46,7 @@ class Segmentation:
 
     def compression_ratios(self, boundaries: list[np.ndarray]) -> list[float]:
         """Bytes per chunk at each stage (outermost first)."""
-        return [self.byte_count / max(int(b.sum()), 1) for b in boundaries]
+        return [self.byte_count / n for n in chunk_counts(boundaries)]
 
     def chunks(self, stage: int) -> list[str]:
         pieces: list[str] = []

@@ -146,13 +146,13 @@ def safe_write(out, text: str) -> None:
     out.flush()
 
 
-def print_stats(stats, peak_memory: int | None) -> None:
+def print_stats(stats, peak_memory: tuple[int, str] | None) -> None:
     err = sys.stderr
     err.write("=" * 10 + "\n")
     err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
     err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")
     if peak_memory:
-        err.write(f"Peak memory: {peak_memory / 1e9:.3f} GB\n")
+        err.write(f"Peak memory: {peak_memory[0] / 1e9:.3f} GB ({peak_memory[1]})\n")
     for s, ratio in enumerate(stats.chunk_lengths):
         err.write(f"Stage {s}: {stats.stage_boundaries[s]} chunks over {stats.stage_tokens[s]} tokens, "
                   f"{ratio:.2f} tokens per chunk\n")
@@ -175,7 +175,7 @@ def main() -> None:
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
               help="Prompt text, or - for stdin. Repeat to generate a batch together.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Weights dtype (default float32; torch and mlx).")
+              help="Weights dtype (torch, mlx). Default: float32 in torch, as stored in mlx (the demo model: float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")
 @sampling_options
 def generate(backend, model_path, config, prompts, dtype, device, **kw):

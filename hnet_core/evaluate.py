@@ -257,7 +257,7 @@ def eval_options(func):
         click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-                     help="Weights dtype (torch, mlx)."),
+                     help="Cast the weights (default: float32 in torch, as stored in mlx; onnx: fixed at export)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -272,7 +272,8 @@ except ImportError:  # pragma: no cover
 if click is not None:
 
     @click.command("eval")
-    @click.option("--backend", type=click.Choice(["torch", "mlx", "onnx"]), default="torch", show_default=True)
+    @click.option("--backend", type=click.Choice(["torch", "mlx", "onnx"]), default="torch", show_default=True,
+                  help="Which implementation runs the model.")
     @eval_options
     @click.option("--device", default=None, help="torch device or onnx provider.")
     def eval_command(backend, model_path, data, max_bytes, window, stride, batch_size, as_json, dtype, device):

@@ -29,6 +29,24 @@ def _umask() -> int:
     return mask
 
 
+def normal_permissions(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a directory, everything under it) the permissions a plain open()/mkdir
+    would: 0666/0777 less the umask. Temporary files (mkstemp, mkdtemp) start private (0600/0700), and
+    so do files some libraries write through their own temporary names (safetensors' torch save_file),
+    so every writer calls this on its output before the final rename."""
+    mask = _umask()
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -36,7 +54,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        normal_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -58,9 +76,9 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result is a normal directory
     try:
         yield tmp
+        normal_permissions(tmp)  # mkdtemp's 0700, and whatever the writers inside left
         if os.path.isdir(dst):
             old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=parent)
             os.rmdir(old)

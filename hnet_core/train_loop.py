@@ -73,8 +73,9 @@ class TrainerBackend(Protocol):
 
     def load(self, directory: str, state: dict) -> None: ...
 
-    def save_model(self, directory: str | None) -> None:
-        """Collective; rank 0 writes a plain model directory."""
+    def save_model(self, directory: str | None) -> str | None:
+        """Collective; rank 0 writes a plain model directory. Returns None, or the end of the closing
+        line where the backend wrote something else (LoRA runs write only their adapters)."""
 
 
 @dataclass
@@ -354,10 +355,10 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
                     return path or ""
         save(step)
         final = os.path.join(out, ckpt.FINAL_MODEL)
-        backend.save_model(final if is_main else None)
+        written = backend.save_model(final if is_main else None)
     finally:
         display.close()
-    display.note(f"done: {step} steps; final model in {final}")
+    display.note(f"done: {step} steps; " + (written or f"final model in {final}"))
     return final
 
 

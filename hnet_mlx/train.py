@@ -182,17 +182,26 @@ class MLXBackend:
             random.setstate((p[0], tuple(p[1]), p[2]))
         mx.eval(self.model.parameters(), self.optimizer.arrays())
 
-    def save_model(self, directory: str | None) -> None:
+    def save_model(self, directory: str | None) -> str | None:
         if directory is None:
-            return
-        if self.lora is not None:
-            final = os.path.join(os.path.dirname(directory), "adapters")
-            from hnet_core import io
-
-            with io.atomic_directory(final, force=True) as tmp:
-                lora_lib.save_adapters(self.model, tmp, self.lora)
-        else:
+            return None
+        if self.lora is None:
             lora_lib.write_torch_layout_model(self.model, directory, force=True)
+            return None
+        out = os.path.dirname(directory)
+        final = adapters_dir(out)
+        from hnet_core import io
+
+        with io.atomic_directory(final, force=True) as tmp:
+            lora_lib.save_adapters(self.model, tmp, self.lora)
+        # A LoRA run writes no model directory: say where the adapters are and how to make a model of them.
+        return (f"LoRA adapters in {final} (no merged model is written); merge them into a model with: "
+                f"hnet-mlx fuse --adapters {out} --out {os.path.join(out, 'fused')}")
+
+
+def adapters_dir(out: str) -> str:
+    """Where a LoRA run's final adapters go (beside the checkpoints, instead of OUT/model)."""
+    return os.path.join(out, "adapters")
 
 
 # -- building the model --------------------------------------------------------------------
@@ -225,8 +234,8 @@ def run(model_fn, data: str, out: str, train_config: TrainConfig, resume: str | 
     backend = MLXBackend(model, plan.config, group, lora=lora)
     result = train_loop.run(backend, plan, sampler, val, show_progress=show_progress, stop_at=stop_at,
                             time_limit=time_limit)
-    if lora is not None and backend.rank == 0 and show_progress:
-        click.echo(f"merge the adapters with: hnet-mlx fuse --adapters {out} --out {out}/fused", err=True)
+    if lora is not None and result == os.path.join(out, ckpt.FINAL_MODEL):
+        return adapters_dir(out)  # what a finished LoRA run wrote
     return result
 
 
@@ -301,7 +310,7 @@ def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kern
 @click.command("finetune")
 @click.option("--model", "model_path", default=None, help="Model directory to fine-tune.")
 @train_options(FINETUNE_DEFAULTS)
-@click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights.")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters instead of all weights; the run ends with OUT/adapters (no OUT/model): merge them with hnet-mlx fuse.")
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank.")
 @click.option("--lora-layers", default=None,
               help=f"Comma-separated Linear layer names to adapt (default {','.join(lora_lib.DEFAULT_LAYERS)}; or all).")

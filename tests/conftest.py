@@ -109,3 +109,15 @@ def tiny_run(tmp_path, config_fn=config_1stage, text=TEXT, **settings):
                 eval_every=10**6, save_every=10**6)
     base.update(settings)
     return str(cfg_path), str(data), TrainConfig(**base)
+
+
+def wrong_modes(root, umask: int) -> list[str]:
+    """'path mode' for each path under `root` (itself included) whose permissions are not the ones a
+    plain open()/mkdir gives under `umask` (0666/0777 less the umask)."""
+    want_file, want_dir = 0o666 & ~umask, 0o777 & ~umask
+    bad = []
+    for path in [str(root)] + [os.path.join(r, n) for r, ds, fs in os.walk(root) for n in ds + fs]:
+        mode = os.stat(path).st_mode & 0o777
+        if mode != (want_dir if os.path.isdir(path) else want_file):
+            bad.append(f"{os.path.relpath(path, root)} {oct(mode)}")
+    return bad

@@ -1,11 +1,12 @@
 """HNetConfig reads the official JSON configs unchanged, writes them back, and rejects bad ones clearly."""
 
 import json
+import math
 
 import pytest
 
 from hnet_core import OFFICIAL_NAMES, HNetConfig, HNetError, official_config
-from hnet_core.official import detect_official, expected_shapes
+from hnet_core.official import detect_official
 
 from conftest import FIXTURE_DIR
 
@@ -83,8 +84,22 @@ def test_missing_field_and_bad_json_are_clear(tmp_path):
 
 
 def test_official_checkpoints_are_recognised_by_their_tensors():
+    """Names and shapes come from the model itself (hnet_torch, instantiated on the meta device: no
+    memory for 700M+ parameters), not from expected_shapes(), so a mistake in either shows up here."""
+    torch = pytest.importorskip("torch")
+    from hnet_torch import HNetForCausalLM
+
     for name in OFFICIAL_NAMES:
-        assert detect_official(expected_shapes(official_config(name))) == name
-    shapes = expected_shapes(official_config("hnet_2stage_XL"))
-    shapes.pop("lm_head.weight")
-    assert detect_official(shapes) is None
+        with torch.device("meta"):
+            model = HNetForCausalLM(official_config(name))
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert len(shapes) > 100 and sum(math.prod(s) for s in shapes.values()) > 600e6, name
+        assert detect_official(shapes) == name
+        shapes.pop("lm_head.weight")
+        assert detect_official(shapes) is None, name  # one tensor missing: not that checkpoint any more
+
+
+def test_a_checkpoint_of_no_official_config_is_unknown():
+    torch = pytest.importorskip("torch")
+    weights = torch.load(f"{FIXTURE_DIR}/model.pt", weights_only=True, map_location="meta")
+    assert detect_official({k: tuple(v.shape) for k, v in weights.items()}) is None

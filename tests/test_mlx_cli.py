@@ -1,12 +1,14 @@
 """`hnet-mlx generate` and `hnet-mlx chunks` with click's runner, including the error cases, and the
 framework-free chunk segmentation behind `chunks`."""
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from hnet_core import HNetError
-from hnet_core.chunks import byte_boundaries, render_html, segment
+from hnet_core.chunks import byte_boundaries, chunk_counts, render_html, segment
 from hnet_core.cli import main as hnet_main
 from hnet_mlx.cli import main
 
@@ -29,7 +31,9 @@ def run(*args, input=None):
 def test_generate_streams_and_reports_stats(mlx_model):
     r = run("generate", "--model", mlx_model, "--prompt", "Hello", "-m", "12", "--seed", "0", "--verbose")
     assert r.exit_code == 0, r.output
-    assert "Generation: 12 bytes" in r.stderr and "Peak memory" in r.stderr and "tokens per chunk" in r.stderr
+    assert "Generation: 12 bytes" in r.stderr and "tokens per chunk" in r.stderr
+    # MLX reports its allocator's peak, not the process's resident set as torch on CPU does: the line says so.
+    assert re.search(r"Peak memory: \d+\.\d{3} GB \(peak memory allocated by MLX during generation\)", r.stderr)
 
 
 def test_generate_greedy_matches_the_official_fixture(mlx_model):
@@ -101,6 +105,14 @@ def test_byte_boundaries_lift_inner_stages_to_bytes():
     assert np.flatnonzero(b1).tolist() == [0, 3]
 
 
+def test_chunk_counts_include_the_chunk_begun_at_bos():
+    """The text's first bytes belong to the chunk that started at BOS unless byte 0 starts one: never 0 chunks."""
+    assert chunk_counts([np.array([0, 0, 1, 0], dtype=bool), np.zeros(4, dtype=bool)]) == [2, 1]
+    assert chunk_counts([np.array([1, 0, 1, 0], dtype=bool)]) == [2]
+    seg = segment(b"abcd", [np.zeros(4, dtype=bool)])
+    assert seg.chunks(0) == ["abcd"] and seg.compression_ratios([np.zeros(4, dtype=bool)]) == [4.0]
+
+
 def test_segmentation_never_splits_a_character():
     data = "aé€b".encode()  # 1 + 2 + 3 + 1 bytes
     bounds = np.zeros(len(data), dtype=bool)
@@ -114,3 +126,13 @@ def test_segmentation_never_splits_a_character():
     assert merged.chunks(0) == ["aé€", "b"]
     page = render_html(merged, merged.compression_ratios([bounds]))
     assert page.count("<span") == 2
+
+
+def test_help_lists_every_command_and_each_one_has_help():
+    result = CliRunner().invoke(main, ["--help"], prog_name="hnet-mlx")
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:")[1]
+    for name in ("generate", "chunks", "train", "finetune", "fuse", "eval"):
+        assert re.search(rf"^  {name} ", listed, re.M), name
+        sub = CliRunner().invoke(main, [name, "--help"], prog_name="hnet-mlx")
+        assert sub.exit_code == 0 and sub.output.startswith(f"Usage: hnet-mlx {name} "), (name, sub.output)

@@ -14,6 +14,7 @@ from hnet_core.tokenizer import encode
 
 from conftest import TEXT, padded_batch, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
+from precision import relative_error, unflipped_positions
 
 ATOL = 1e-4
 ROWS = [TEXT[:97], TEXT[100:131], TEXT[140:150]]  # ragged: padding at every inner level too
@@ -125,16 +126,28 @@ def mlx_tree_flatten(tree):
     return tree_flatten(tree)
 
 
+BF16_REL_TOL = 0.03  # measured 0.007-0.008 (1-3 stages); bf16 rounds to 2^-9 relative per operation
+
+
 def test_bfloat16_forward_stays_close_to_float32(pair):
     _, mm = pair
     _, _, mids, mmask = _masked_inputs()
-    ref = mm(mids, mask=mmask).logits
+    out32 = mm(mids, mask=mmask)
+    ref = np_(out32.logits)
     mm.set_dtype(mx.bfloat16, predicate=lambda t: mx.issubdtype(t, mx.floating))
     out = mm(mids, mask=mmask)
     assert out.logits.dtype == mx.bfloat16
     valid = np.array(mmask)
-    # bf16 has 8 mantissa bits; a flipped boundary moves logits more, so only a loose bound holds.
-    assert np.abs(np_(out.logits) - np_(ref))[valid].mean() <= 0.1
+    # A boundary bf16 decides differently changes everything after it (measured on these random models:
+    # 2-3 flips); before the first flip per row, the error is rounding alone (tests/precision.py).
+    keep = unflipped_positions([np_(r.boundary_mask) for r in out32.routing],
+                               [np_(r.boundary_mask) for r in out.routing], valid)
+    assert keep.sum() >= valid.sum() // 4  # the check covers a good part of the batch (measured 40-84%)
+    assert relative_error(np_(out.logits), ref, keep) <= BF16_REL_TOL
+    # The same check rejects a wrong model: halved logits (error 0.5), and lm_head scaled by 10% (0.1).
+    assert relative_error(0.5 * ref, ref, keep) > BF16_REL_TOL
+    mm.lm_head.weight = mm.lm_head.weight * 1.1
+    assert relative_error(np_(mm(mids, mask=mmask).logits), ref, keep) > BF16_REL_TOL
 
 
 def test_lr_multipliers_name_the_same_levels_as_torch(small_config):

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import hnet_torch
-from conftest import FIXTURE_DIR, TEXT
+from conftest import FIXTURE_DIR, TEXT, wrong_modes
 from hnet_core.cli import main as hnet_main
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
@@ -26,6 +26,7 @@ from hnet_export import OnnxHNet, stream_generate
 
 EXPECTED = os.path.join(FIXTURE_DIR, "expected.npz")
 MAX_SEQLEN = 400
+EXPORT_UMASK = 0o027
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,10 +39,14 @@ def load(export_dir: str, **kw) -> OnnxHNet:
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("onnx") / "fixture")
-    result = CliRunner().invoke(hnet_main, [
-        "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
-        os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(MAX_SEQLEN), "--batch-variants",
-    ])
+    before = os.umask(EXPORT_UMASK)  # see test_export_gives_normal_umask_respecting_permissions
+    try:
+        result = CliRunner().invoke(hnet_main, [
+            "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
+            os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(MAX_SEQLEN), "--batch-variants",
+        ])
+    finally:
+        os.umask(before)
     assert result.exit_code == 0, result.output
     return out
 
@@ -83,6 +88,11 @@ def test_export_writes_graphs_config_and_documented_io(export_dir):
     assert step_inputs["input_ids"] == ["batch", 1]
     assert step_inputs["past.level1.main.0.k"][1] == 6  # window 5 -> ring buffer of 6 slots
     assert step_inputs["past.level0.length"] == ["batch"]
+
+
+def test_export_gives_normal_umask_respecting_permissions(export_dir):
+    """Like every other writer (tests/test_file_permissions.py): 0666/0777 less the umask, not private."""
+    assert wrong_modes(export_dir, EXPORT_UMASK) == []
 
 
 @pytest.mark.parametrize("case", ["single_L1", "single_L5", "single_L37", "single_L100", "masked_batch"])

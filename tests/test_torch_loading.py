@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,9 @@ from hnet_core import HNetError
 from hnet_core.io import INDEX_NAME
 from hnet_torch import load_pretrained, save_pretrained
 
-from conftest import FIXTURE_DIR, config_2stage, random_torch_model
+from conftest import FIXTURE_DIR, TEXT, config_2stage, random_torch_model
+from hnet_core.tokenizer import encode
+from precision import relative_error, unflipped_positions
 
 PT = f"{FIXTURE_DIR}/model.pt"
 CFG = f"{FIXTURE_DIR}/config.json"
@@ -57,10 +60,19 @@ def test_save_refuses_to_overwrite_without_force(tmp_path):
     save_pretrained(model, tmp_path / "m", force=True)
 
 
-def test_bf16_load_keeps_residual_proj_in_fp32():
+def test_bf16_load_keeps_residual_proj_in_fp32_and_stays_close_to_fp32():
     model = load_pretrained(PT, config=CFG, dtype="bfloat16")
     assert model.embeddings.weight.dtype == torch.bfloat16
     assert model.backbone.residual_proj.weight.dtype == torch.float32
+    ids = torch.tensor([encode(TEXT[:100])])
+    with torch.no_grad():
+        out, ref = model(ids), load_pretrained(PT, config=CFG)(ids)
+    keep = unflipped_positions([r.boundary_mask.numpy() for r in ref.routing],
+                               [r.boundary_mask.numpy() for r in out.routing], np.ones(tuple(ids.shape), bool))
+    assert keep.sum() >= ids.numel() // 2
+    lb, lr = out.logits.float().numpy(), ref.logits.numpy()
+    assert relative_error(lb, lr, keep) <= 0.03  # as MLX's bf16 (tests/test_convert.py)
+    assert relative_error(0.5 * lr, lr, keep) > 0.03  # the same check rejects halved logits
 
 
 def _save_sd(tmp_path, sd, name="bad.pt"):

@@ -230,6 +230,26 @@ def test_lora_resume_continues_the_adapters(tmp_path):
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-6, err_msg=k)
 
 
+def test_lora_finetune_says_it_wrote_adapters_and_how_to_fuse_them(tmp_path):
+    """A LoRA run writes OUT/adapters and no OUT/model: the closing line must name what exists and give the
+    fuse command, and that command must work as printed."""
+    cfg, data, tc = tiny_run(tmp_path, steps=1)
+    train(cfg, data, str(tmp_path / "base"), tc, show_progress=False)
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(finetune_command, ["--model", str(tmp_path / "base" / "model"), "--data", data,
+                                                   "--out", str(out), "--lora", "--lora-rank", "2", "--steps", "2",
+                                                   "--batch-size", "2", "--seq-len", "32", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "model").exists() and (out / "adapters").is_dir()
+    assert "final model in" not in result.output
+    assert f"LoRA adapters in {out / 'adapters'}" in result.output
+    command = f"hnet-mlx fuse --adapters {out} --out {out / 'fused'}"
+    assert command in result.output
+    fused = CliRunner().invoke(lora_lib.fuse_command, command.split()[2:])
+    assert fused.exit_code == 0, fused.output
+    assert hnet_mlx.load(out / "fused")[1].d_model == config_1stage().d_model
+
+
 def test_lora_cli_errors(tmp_path):
     cfg, data, tc = tiny_run(tmp_path, steps=1)
     train(cfg, data, str(tmp_path / "base"), tc, show_progress=False)
