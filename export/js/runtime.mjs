@@ -188,9 +188,9 @@ export class OnnxHNet {
   }
 
   /** The step graph the Python runtime would pick: cond at batch 1 on CPU when exported, else where. */
-  stepGraph() {
+  stepGraph(batch = this.batch) {
     let variant = this.stepVariant;
-    if (variant === 'auto') variant = this.meta.graphs.step_cond && this.batch === 1 ? 'cond' : 'where';
+    if (variant === 'auto') variant = this.meta.graphs.step_cond && batch === 1 ? 'cond' : 'where';
     return variant === 'cond' ? 'step_cond' : 'step';
   }
 
