@@ -27,8 +27,9 @@ RUNTIME_FILES = ("errors.mjs", "rng.mjs", "sampling.mjs", "streaming.mjs", "runt
 PAGE_FILES = ("index.html", "app.mjs")
 
 
-def ort_web_files(dist: str = ORT_WEB_DIST) -> list[str]:
+def ort_web_files(dist: str | None = None) -> list[str]:
     """Paths of onnxruntime-web's files, or an HNetError saying how to install them."""
+    dist = dist or ORT_WEB_DIST
     missing = [f for f in ORT_WEB_FILES if not os.path.exists(os.path.join(dist, f))]
     if missing:
         raise HNetError(f"onnxruntime-web is not installed ({os.path.join(dist, missing[0])} is missing); in a source "

@@ -1,6 +1,6 @@
 // The page of `hnet export onnx --web`: load the bundled export with onnxruntime-web, generate as the
 // prompt is typed, colour the text by stage-0 chunks (as `hnet-mlx chunks --html`) and show bytes/s.
-// #status carries data-state (loading | ready | running | done | error); #output carries data-text,
+// #status carries data-state (loading | ready | typing | running | done | error); #output carries data-text,
 // the generated text exactly as `hnet generate` would print it (the browser test reads both).
 
 import * as ort from './ort/ort.wasm.min.mjs';
@@ -128,6 +128,7 @@ async function main() {
   let timer = null;
   prompt.addEventListener('input', () => {
     clearTimeout(timer);
+    status.dataset.state = 'typing';
     timer = setTimeout(run, 400); // generate once typing pauses
   });
   $('generate').addEventListener('click', run);
