@@ -39,6 +39,12 @@ function number(name, value, integer = false) {
   return n;
 }
 
+/** Seeds stay exact beyond 2**53 (numpy takes any non-negative integer). */
+function seed(value) {
+  if (!/^-?\d+$/.test(value.trim())) throw new HNetError(`Invalid value for '--seed': '${value}' is not a valid integer.`);
+  return BigInt(value.trim());
+}
+
 function format(x) {
   return Number.isNaN(x) ? 'nan' : x.toFixed(1);
 }
@@ -67,7 +73,7 @@ async function main(argv) {
       },
     }));
   } catch (e) {
-    throw new HNetError(e.message);
+    throw new HNetError(e.message.split("\n")[0]);
   }
   if (values.help) {
     process.stdout.write(`${HELP}\n`);
@@ -93,7 +99,7 @@ async function main(argv) {
     topK: number('top-k', values['top-k'], true),
     minP: number('min-p', values['min-p']),
     repetitionPenalty: number('repetition-penalty', values['repetition-penalty']),
-    seed: number('seed', values.seed, true) ?? null,
+    seed: values.seed === undefined ? null : seed(values.seed),
     stop: values.stop ?? [],
   };
   const model = await loadModel(values.model, {

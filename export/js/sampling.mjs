@@ -26,7 +26,7 @@ export function samplingParams(options = {}) {
   if (!(p.minP >= 0 && p.minP < 1)) throw new HNetError(`min_p must be in [0, 1) (0 = off), got ${p.minP}`);
   if (!(p.repetitionPenalty > 0)) throw new HNetError(`repetition_penalty must be > 0 (1 = off), got ${p.repetitionPenalty}`);
   if (!(p.repetitionContext >= 0)) throw new HNetError(`repetition_context must be >= 0, got ${p.repetitionContext}`);
-  if (p.seed !== null && !(Number.isInteger(p.seed) || typeof p.seed === 'bigint')) throw new HNetError(`seed must be an integer, got ${p.seed}`);
+  if (p.seed !== null && !(Number.isInteger(p.seed) || typeof p.seed === 'bigint')) throw new HNetError(`seed must be an integer, got ${p.seed}`);  // BigInt for seeds beyond 2**53
   if (p.seed !== null && BigInt(p.seed) < 0n) throw new HNetError(`seed must be non-negative, got ${p.seed}`);
   return p;
 }

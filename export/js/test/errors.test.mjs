@@ -4,15 +4,19 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 import { HNetError, loadModel } from '../node.mjs';
 
 const CLI = fileURLToPath(new URL('../cli.mjs', import.meta.url));
 
+const made = [];
+after(() => made.forEach((dir) => fs.rmSync(dir, { recursive: true, force: true })));
+
 function fakeExport(meta) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hnet-js-'));
+  made.push(dir);
   if (meta !== null) fs.writeFileSync(path.join(dir, 'export.json'), typeof meta === 'string' ? meta : JSON.stringify(meta));
   return dir;
 }

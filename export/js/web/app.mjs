@@ -38,12 +38,15 @@ function render(bytes, boundaries, promptLength) {
 let model = null;
 let running = null; // the current generation's promise
 let cancelled = null; // set to cancel it
+let requests = 0;
 
 async function run() {
+  const request = ++requests;
   if (running) {
     cancelled.value = true;
     await running.catch(() => {});
   }
+  if (request !== requests) return; // a newer request (typed meanwhile) runs instead; one generation at a time
   const token = { value: false };
   cancelled = token;
   running = generateOnce(token);
