@@ -35,7 +35,7 @@ def _positive(ctx, param, value):
 @click.option("--out", "out_dir", default=None, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
 @click.option("--web", "web_dir", default=None,
               help="Also (or only) write a static web page here that runs the model in the browser with "
-                   "onnxruntime-web (needs `npm ci` in export/js); exports include step_cond.onnx.")
+                   "onnxruntime-web (needs `npm ci` in export/js; float32 only); exports include step_cond.onnx.")
 @click.option("--opset", default=None, type=int, help="ONNX opset version.  [default: 20]")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weights and activations dtype of the graphs (the SSM state, EMA and residual stay float32).")
@@ -57,6 +57,8 @@ def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen,
         from .web import is_export_dir, ort_web_files, write_web
 
         ort_web_files()  # fail before the slow export when onnxruntime-web is missing
+        if dtype != "float32" and not is_export_dir(model_path):
+            raise HNetError("the web page needs --dtype float32 (onnxruntime-web cannot load float16 H-Net graphs yet)")
         if is_export_dir(model_path):
             if out_dir is not None or config is not None:
                 raise HNetError("--model is already an ONNX export; --web copies it as it is (drop --out/--config)")

@@ -145,7 +145,7 @@ def test_node_refuses_missing_or_foreign_exports_with_one_line(official_onnx_exp
     assert "cannot load" in _one_line_error(node_generate(future, "hi"))
 
 
-def test_web_export_needs_onnxruntime_web_and_says_how(official_onnx_export, tmp_path, monkeypatch):
+def test_web_export_needs_onnxruntime_web_and_a_float32_export(official_onnx_export, tmp_path, monkeypatch):
     import hnet_export.web as web
 
     monkeypatch.setattr(web, "ORT_WEB_DIST", str(tmp_path / "nowhere"))
@@ -154,6 +154,12 @@ def test_web_export_needs_onnxruntime_web_and_says_how(official_onnx_export, tmp
     assert not os.path.exists(tmp_path / "site")
     result = CliRunner().invoke(hnet_main, ["export", "onnx", "--model", official_onnx_export])
     assert result.exit_code == 1 and "--web" in result.output
+    monkeypatch.undo()
+    half = _copy_export(official_onnx_export, tmp_path / "half")  # onnxruntime-web 1.30 cannot load float16 graphs
+    meta = json.load(open(os.path.join(half, "export.json")))
+    json.dump({**meta, "dtype": "float16"}, open(os.path.join(half, "export.json"), "w"))
+    result = CliRunner().invoke(hnet_main, ["export", "onnx", "--model", half, "--web", str(tmp_path / "site")])
+    assert result.exit_code == 1 and "float32" in result.output and not os.path.exists(tmp_path / "site")
 
 
 def _chromium_or_skip():

@@ -100,7 +100,10 @@ export class OnnxHNet {
       } catch (e) {
         if (e instanceof HNetError) throw e;
         const reason = String(e?.message ?? e).trim().split('\n')[0].slice(0, 200);
-        throw new HNetError(`onnxruntime cannot load ${this.source.name}/${file}: ${reason}`);
+        // onnxruntime-node/-web 1.30 insert float16 -> float32 casts they then reject (Python's 1.32 loads these).
+        const hint = this.dtype === 'float16' ? ' (float16 exports do not load in onnxruntime\'s JavaScript packages ' +
+          '1.30; export with --dtype float32)' : '';
+        throw new HNetError(`onnxruntime cannot load ${this.source.name}/${file}: ${reason}${hint}`);
       }
       const spec = this.io[name === 'prefill' ? 'prefill' : 'step'];
       const want = [...spec.inputs.map((s) => s.name), '|', ...spec.outputs.map((s) => s.name)].join(',');
