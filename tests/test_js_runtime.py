@@ -184,10 +184,18 @@ def test_web_page_generates_the_same_text_in_chromium(official_onnx_export, tmp_
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # The page fetches the prefill graph's weights from weights.onnx.data, as for a model of 64 MiB or more.
+    export = _copy_export(official_onnx_export, tmp_path / "external")
+    prefill = onnx.load(os.path.join(export, "prefill.onnx"))
+    onnx.save_model(prefill, os.path.join(export, "prefill.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.onnx.data", size_threshold=1024)
+    meta = json.load(open(os.path.join(export, "export.json")))
+    json.dump({**meta, "external_data": "weights.onnx.data"}, open(os.path.join(export, "export.json"), "w"))
     site = str(tmp_path / "site")
-    result = CliRunner().invoke(hnet_main, ["export", "onnx", "--model", official_onnx_export, "--web", site])
+    result = CliRunner().invoke(hnet_main, ["export", "onnx", "--model", export, "--web", site])
     assert result.exit_code == 0, result.output
     assert {"index.html", "app.mjs", "hnet", "ort", "model"} <= set(os.listdir(site))
+    assert os.path.exists(os.path.join(site, "model", "weights.onnx.data"))
     prompt = "Ünïcödé ☃ 日本語 — naïve "  # chromedriver types only BMP characters
     tokens = 40
     expected = python_generate(official_onnx_export, prompt, "--temperature", "0", "--max-tokens", str(tokens))
