@@ -57,7 +57,7 @@ def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen,
         from .web import is_export_dir, ort_web_files, write_web
 
         ort_web_files()  # fail before the slow export when onnxruntime-web is missing
-        if dtype != "float32" and not is_export_dir(model_path):
+        if dtype == "float16" and not is_export_dir(model_path):
             raise HNetError("the web page needs --dtype float32 (onnxruntime-web cannot load float16 H-Net graphs yet)")
         if is_export_dir(model_path):
             if out_dir is not None or config is not None:

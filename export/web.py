@@ -48,10 +48,10 @@ def write_web(out_dir: str, export_dir: str, force: bool = False) -> dict[str, i
         raise HNetError(f"{export_dir} is not a directory written by `hnet export onnx` (no export.json)")
     with open(os.path.join(export_dir, "export.json"), encoding="utf-8") as f:
         dtype = json.load(f).get("dtype")
-    if dtype != "float32":
+    if dtype == "float16":
         # onnxruntime-web 1.30 rejects the float16 graphs at load (a float16 -> float32 cast it inserts
         # itself fails its type check); onnxruntime 1.32 in Python runs them.
-        raise HNetError(f"{export_dir} is a {dtype} export; onnxruntime-web cannot load float16 H-Net graphs yet, "
+        raise HNetError(f"{export_dir} is a float16 export; onnxruntime-web cannot load float16 H-Net graphs yet, "
                         "so the web page needs an export with --dtype float32")
     ort_files = ort_web_files()
     for f in RUNTIME_FILES + tuple(os.path.join("web", p) for p in PAGE_FILES):
