@@ -2,11 +2,14 @@
 
     hnet export onnx --model hnet_1stage_L.pt --out hnet_onnx/
     hnet generate --backend onnx --model hnet_onnx/ --prompt "Hello"
+    hnet export onnx --model hnet_onnx/ --web site/     # a web page running it (export/js)
 
 Imported lazily by `hnet` (hnet_core.cli), so only this command pays for importing torch.
 """
 
 from __future__ import annotations
+
+import os
 
 import click
 
@@ -26,9 +29,13 @@ def _positive(ctx, param, value):
 
 @export.command("onnx")
 @click.option("--model", "model_path", required=True,
-              help="Model directory (config.json + model.safetensors) or an official .pt checkpoint.")
+              help="Model directory (config.json + model.safetensors) or an official .pt checkpoint; with --web "
+                   "also a directory already written by `hnet export onnx`.")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
-@click.option("--out", "out_dir", required=True, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
+@click.option("--out", "out_dir", default=None, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
+@click.option("--web", "web_dir", default=None,
+              help="Also (or only) write a static web page here that runs the model in the browser with "
+                   "onnxruntime-web (needs `npm ci` in export/js; float32 only); exports include step_cond.onnx.")
 @click.option("--opset", default=None, type=int, help="ONNX opset version.  [default: 20]")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Weights and activations dtype of the graphs (the SSM state, EMA and residual stay float32).")
@@ -39,18 +46,46 @@ def _positive(ctx, param, value):
               help="Also write step_cond.onnx: inner levels under an ONNX If, skipped when no sample is at a "
                    "boundary (faster at batch 1 on CPU; the runtime picks it there).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
-def onnx_command(model_path, config, out_dir, opset, dtype, max_seqlen, batch_variants, force):
-    """Export prefill and decode-step ONNX graphs (dynamic batch and length) plus their io.json."""
-    from .exporter import DEFAULT_MAX_SEQLEN, DEFAULT_OPSET, export_onnx
-
+def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen, batch_variants, force):
+    """Export prefill and decode-step ONNX graphs (dynamic batch and length) plus their io.json, and/or a web page."""
     try:
-        result = export_onnx(
-            model_path, out_dir, config=config, opset=DEFAULT_OPSET if opset is None else opset, dtype=dtype,
-            max_seqlen=DEFAULT_MAX_SEQLEN if max_seqlen is None else max_seqlen, batch_variants=batch_variants,
-            force=force, log=lambda msg: click.echo(msg, err=True),
-        )
+        if out_dir is None and web_dir is None:
+            raise HNetError("give --out DIR (the ONNX export), --web DIR (a web page running it), or both")
+        if web_dir is None:
+            _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, force)
+            return
+        from .web import is_export_dir, ort_web_files, write_web
+
+        ort_web_files()  # fail before the slow export when onnxruntime-web is missing
+        if dtype == "float16" and not is_export_dir(model_path):
+            raise HNetError("the web page needs --dtype float32 (onnxruntime-web cannot load float16 H-Net graphs yet)")
+        if is_export_dir(model_path):
+            if out_dir is not None or config is not None:
+                raise HNetError("--model is already an ONNX export; --web copies it as it is (drop --out/--config)")
+            sizes = write_web(web_dir, model_path, force=force)
+        elif out_dir is not None:
+            _export(model_path, out_dir, config, opset, dtype, max_seqlen, True, force)
+            sizes = write_web(web_dir, out_dir, force=force)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                _export(model_path, os.path.join(tmp, "onnx"), config, opset, dtype, max_seqlen, True, force)
+                sizes = write_web(web_dir, os.path.join(tmp, "onnx"), force=force)
     except HNetError as e:
         raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {os.path.abspath(web_dir)} ({sum(sizes.values()) / 1e6:.1f} MB in {len(sizes)} files); "
+               f"serve it with: python -m http.server -d {web_dir} 8000")
+
+
+def _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, force) -> None:
+    from .exporter import DEFAULT_MAX_SEQLEN, DEFAULT_OPSET, export_onnx
+
+    result = export_onnx(
+        model_path, out_dir, config=config, opset=DEFAULT_OPSET if opset is None else opset, dtype=dtype,
+        max_seqlen=DEFAULT_MAX_SEQLEN if max_seqlen is None else max_seqlen, batch_variants=batch_variants,
+        force=force, log=lambda msg: click.echo(msg, err=True),
+    )
     total = sum(result.files.values())
     click.echo(f"wrote {result.directory} ({total / 1e6:.1f} MB in {len(result.files)} files, {result.seconds:.0f} s)")
     for name, size in result.files.items():

@@ -15,6 +15,8 @@ from hnet_core.config import HNetConfig
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "official", "1stage_tiny")
 
+OFFICIAL_ONNX_MAX_SEQLEN = 400  # max_seqlen of the official fixture's shared ONNX export
+
 SMALL_SSM = {"chunk_size": 8, "d_conv": 4, "d_state": 16, "expand": 2}
 
 
@@ -54,6 +56,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+OFFICIAL_ONNX_UMASK = 0o027
+
+
+@pytest.fixture(scope="session")
+def official_onnx_export(tmp_path_factory) -> str:
+    """The official fixture exported once through `hnet export onnx` (with step_cond.onnx), shared by the
+    ONNX runtime tests and the JavaScript runtime tests. Read-only: tests that break it copy it first."""
+    from click.testing import CliRunner
+
+    from hnet_core.cli import main as hnet_main
+
+    out = str(tmp_path_factory.mktemp("onnx") / "fixture")
+    before = os.umask(OFFICIAL_ONNX_UMASK)  # test_onnx_fixture checks the written files' permissions against it
+    try:
+        result = CliRunner().invoke(hnet_main, [
+            "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
+            os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(OFFICIAL_ONNX_MAX_SEQLEN),
+            "--batch-variants",
+        ])
+    finally:
+        os.umask(before)
+    assert result.exit_code == 0, result.output
+    return out
 
 
 @pytest.fixture(params=sorted(SMALL_CONFIGS))

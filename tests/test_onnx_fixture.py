@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import hnet_torch
-from conftest import FIXTURE_DIR, TEXT, wrong_modes
+from conftest import FIXTURE_DIR, OFFICIAL_ONNX_MAX_SEQLEN, OFFICIAL_ONNX_UMASK, TEXT, wrong_modes
 from hnet_core.cli import main as hnet_main
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
@@ -25,8 +25,8 @@ from hnet_core.tokenizer import encode
 from hnet_export import OnnxHNet, stream_generate
 
 EXPECTED = os.path.join(FIXTURE_DIR, "expected.npz")
-MAX_SEQLEN = 400
-EXPORT_UMASK = 0o027
+MAX_SEQLEN = OFFICIAL_ONNX_MAX_SEQLEN
+EXPORT_UMASK = OFFICIAL_ONNX_UMASK
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,18 +37,8 @@ def load(export_dir: str, **kw) -> OnnxHNet:
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("onnx") / "fixture")
-    before = os.umask(EXPORT_UMASK)  # see test_export_gives_normal_umask_respecting_permissions
-    try:
-        result = CliRunner().invoke(hnet_main, [
-            "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
-            os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(MAX_SEQLEN), "--batch-variants",
-        ])
-    finally:
-        os.umask(before)
-    assert result.exit_code == 0, result.output
-    return out
+def export_dir(official_onnx_export) -> str:
+    return official_onnx_export  # conftest: one CLI export of the fixture, shared with the JavaScript tests
 
 
 @pytest.fixture(scope="module")
