@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from hnet_core import io
+from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, config_for_weights
@@ -80,6 +81,7 @@ def _checkpoint_in(directory: str) -> str:
 def read_source(src: str, config_path: str | None = None, revision: str | None = None
                 ) -> tuple[dict[str, mx.array], HNetConfig, str]:
     """(weights in MLX layout, config, description) from a .pt, a model directory or a HF repo id."""
+    src = resolve_model_path(src)  # a training run directory -> its final model or newest checkpoint
     description = src
     if not os.path.exists(src):
         if loading.looks_like_repo_id(src):
