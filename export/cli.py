@@ -25,8 +25,9 @@ def _positive(ctx, param, value):
 
 
 @export.command("onnx")
-@click.option("--model", "model_path", required=True,
-              help="Model directory (config.json + model.safetensors) or an official .pt checkpoint.")
+@click.option("--model", "model_path", default=None,
+              help="Model directory (config.json + model.safetensors), a training run directory or an official "
+                   ".pt checkpoint. Default: the bundled demo model.")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--out", "out_dir", required=True, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
 @click.option("--opset", default=None, type=int, help="ONNX opset version.  [default: 20]")
@@ -41,7 +42,12 @@ def _positive(ctx, param, value):
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
 def onnx_command(model_path, config, out_dir, opset, dtype, max_seqlen, batch_variants, force):
     """Export prefill and decode-step ONNX graphs (dynamic batch and length) plus their io.json."""
+    from hnet_core.backends import DEMO_MODEL
+
     from .exporter import DEFAULT_MAX_SEQLEN, DEFAULT_OPSET, export_onnx
+
+    if model_path is None:
+        model_path = DEMO_MODEL
 
     try:
         result = export_onnx(

@@ -249,6 +249,9 @@ def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset:
                 force: bool = False, external_data: bool | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
     """Load a checkpoint (official .pt or model directory) and export it; see the module docstring."""
     check_options(opset, dtype, max_seqlen)
+    io.check_output_path(out_dir, "output directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HNetError(f"output path {out_dir} exists and is not a directory; choose another path")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         # Checked before the slow part too (atomic_directory checks again before writing).
         raise HNetError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it")

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import io
 from .errors import HNetError
 from .metrics import read_metrics
 
@@ -100,7 +101,9 @@ def plot_run(run_dir: str, out: str | None = None, smooth: int = 1) -> str:
     fig.suptitle(os.path.basename(os.path.normpath(os.path.dirname(path))))
     fig.tight_layout()
     out = out or os.path.join(os.path.dirname(path), "curves.png")
+    io.check_output_path(out, "plot")
     directory = os.path.dirname(os.path.abspath(out))
+    io.make_dirs(directory)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(out)}-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=110)

@@ -84,8 +84,8 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     if batch_file:
         if not os.path.exists(batch_file):
             raise HNetError(f"--batch file not found: {batch_file}")
-        with open(batch_file, encoding="utf-8", errors="strict") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        with open(batch_file, "rb") as f:  # raw bytes, like every prompt
+            prompts += [line.rstrip(b"\r\n") for line in f if line.strip()]
     if not prompts:
         raise HNetError("give a prompt with --prompt TEXT (or --prompt - for stdin, or --batch FILE)")
     loaded = load_mlx(model_path, dtype)
@@ -99,7 +99,7 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     texts = run_generation(loaded, prompts, out=open(os.devnull, "w"), **kw)
     console = Console(highlight=False)
     for prompt, text in zip(prompts, texts):
-        data = (prompt + text).encode("utf-8")
+        data = prompt + text.encode("utf-8")
         seg = segment(data, stage_masks(loaded.model, data))
         console.print(render_terminal(seg, 0))
 
@@ -116,7 +116,7 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
     from rich.table import Table
 
     from hnet_core.chunks import render_html, render_terminal, segment
-    from hnet_core.io import atomic_write_text
+    from hnet_core.io import atomic_write_text, check_output_path
 
     if (text is None) == (file_path is None):
         raise HNetError("give exactly one of --text TEXT or --file PATH")
@@ -126,9 +126,11 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
         with open(file_path, "rb") as f:
             data = f.read(max_bytes)
     else:
-        data = text.encode("utf-8")
+        data = os.fsencode(text)  # the bytes given in argv, invalid UTF-8 included
     if not data:
         raise HNetError("the text is empty; give at least one byte")
+    if html_path:
+        check_output_path(html_path, "--html page")
     loaded = load_mlx(model_path)
     boundaries = stage_masks(loaded.model, data)
     seg = segment(data, boundaries)

@@ -198,6 +198,7 @@ def _check_destination(dst: str, force: bool) -> None:
     """Refuse early (before any reading) to overwrite a non-empty DST without --force."""
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise HNetError(f"output path {dst} exists and is not a directory; choose another path")
+    io.check_output_path(dst, "output directory")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise HNetError(f"output directory {dst} already exists and is not empty; pass --force to overwrite it")
 
