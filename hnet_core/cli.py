@@ -178,11 +178,13 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["torch", "mlx", "onnx"]), default="torch", show_default=True,
               help="Which implementation runs the model.")
 @click.option("--model", "model_path", default=None,
-              help="Model directory, or an official .pt checkpoint (torch). Default: the bundled demo model "
-                   "(3.9M parameters, trained on Jane Austen for 20 minutes).")
+              help="Model directory, a training run directory (its final model, else newest checkpoint), or an "
+                   "official .pt checkpoint (torch); an export directory for onnx. Default (torch, mlx): the bundled "
+                   "demo model (3.9M parameters, trained on Jane Austen for 20 minutes).")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
-              help="Prompt text, or - for stdin. Repeat to generate a batch together.")
+              help="Prompt text (its bytes as given, invalid UTF-8 included), or - for stdin. Repeat to generate a "
+                   "batch together.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights dtype (default float32; torch and mlx).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")

@@ -68,9 +68,11 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "model_path", default=None,
-              help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
+              help="Converted model directory (hnet convert torch-to-mlx) or a training run directory. Default: the "
+                   "bundled demo model.")
 @click.option("--prompt", "-p", "prompts", multiple=True,
-              help="Prompt text, or - for stdin. Repeat it to generate several prompts together.")
+              help="Prompt text (its bytes as given, invalid UTF-8 included), or - for stdin. Repeat it to generate "
+                   "several prompts together.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), default=None,
               help="A file with one prompt per line, all generated together (ragged lengths are fine).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -105,11 +107,13 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
 
 
 @main.command()
-@click.option("--model", "model_path", default=None, help="Converted model directory.")
+@click.option("--model", "model_path", default=None,
+              help="Converted model directory or a training run directory. Default: the bundled demo model.")
 @click.option("--text", default=None, help="Text to segment.")
 @click.option("--file", "file_path", type=click.Path(dir_okay=False), default=None, help="Read the text from a file.")
 @click.option("--max-bytes", default=8192, show_default=True, type=int, help="Use at most this many bytes of --file.")
-@click.option("--html", "html_path", default=None, help="Also write a standalone HTML page here.")
+@click.option("--html", "html_path", default=None,
+              help="Also write a standalone HTML page here (missing directories are created).")
 def chunks(model_path, text, file_path, max_bytes, html_path):
     """Show how each stage segments a text, with per-stage compression ratios."""
     from rich.console import Console

@@ -241,3 +241,21 @@ def test_a_run_without_weights_yet_is_one_clear_error(tmp_path):
     (run / checkpoint.TRAIN_CONFIG_NAME).write_text("{}")
     result = CliRunner().invoke(hnet_main, ["generate", "--model", str(run), "-p", "x", "-m", "1"])
     one_line_error(result, "is a training run directory with no final model (model/) and no complete checkpoint")
+
+
+def test_hnet_core_imports_no_framework_outside_the_registry_and_clis():
+    import ast
+
+    import hnet_core
+
+    frameworks = ("torch", "mlx", "hnet_torch", "hnet_mlx", "hnet_export", "onnxruntime")
+    root = os.path.dirname(hnet_core.__file__)
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py") or name in ("backends.py", "cli.py"):
+            continue
+        tree = ast.parse(open(os.path.join(root, name), encoding="utf-8").read())
+        for node in ast.walk(tree):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for module in modules:
+                assert module.split(".")[0] not in frameworks, f"hnet_core/{name} imports {module}"
