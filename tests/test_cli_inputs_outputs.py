@@ -71,6 +71,7 @@ def test_chunks_segments_the_argv_bytes():
     assert "stage 0:" in result.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; the in-process tests above cover the same path
 def test_a_real_process_with_invalid_utf8_argv_does_not_crash():
     # The exact case: bytes in argv, decoded by Python itself (not click's test runner).
     args = [sys.executable, "-m", "hnet_core.cli", "generate", "--prompt", RAW, "-m", "4", "--temp", "0",
