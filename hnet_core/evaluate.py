@@ -198,7 +198,8 @@ def eval_options(func):
 
     options = [
         click.option("--model", "model_path", default=None,
-                     help="Model directory (or a training run directory). Default: the bundled demo model."),
+                     help="Model directory or a training run directory (an export directory for --backend onnx). "
+                          "Default: the bundled demo model."),
         click.option("--data", required=True, help="Text to score: a file (.xz/.gz ok), JSONL or a directory."),
         click.option("--max-bytes", type=int, default=None, help="Score only the first N bytes."),
         click.option("--window", type=int, default=1024, show_default=True, help="Bytes per window."),
