@@ -12,7 +12,9 @@ the module tree of one hierarchy level at a time:
     level{s}.main.{i}.*                     layers of the innermost level's main network
     level{s}.length                         tokens each sample has at level s (= next position)
 
-Graph inputs carry the prefix `past.`, graph outputs `present.`.
+Graph inputs carry the prefix `past.`, graph outputs `present.`. The extend graph takes a piece
+(input_ids, mask: BATCH x LENGTH) plus the step graph's `past.` states and returns prefill-shaped
+logits and routing for the piece with the step graph's `present.` states.
 """
 
 from __future__ import annotations
