@@ -241,7 +241,7 @@ def test_runtime_mistakes_are_one_line_errors(export_dir, tmp_path):
         OnnxHNet(str(tmp_path / "missing"))
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("export.json", "io.json", "config.json", "prefill.onnx", "step.onnx"):
+    for name in ("export.json", "io.json", "config.json", "prefill.onnx", "extend.onnx", "step.onnx"):
         (broken / name).write_bytes(open(os.path.join(export_dir, name), "rb").read())
     with pytest.raises(HNetError, match="step_cond.onnx not found"):
         OnnxHNet(str(broken))
