@@ -28,9 +28,10 @@ def _positive(ctx, param, value):
 
 
 @export.command("onnx")
-@click.option("--model", "model_path", required=True,
-              help="Model directory (config.json + model.safetensors) or an official .pt checkpoint; with --web "
-                   "also a directory already written by `hnet export onnx`.")
+@click.option("--model", "model_path", default=None,
+              help="Model directory (config.json + model.safetensors), a training run directory or an official "
+                   ".pt checkpoint (default: the bundled demo model); with --web also a directory already written "
+                   "by `hnet export onnx`.")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--out", "out_dir", default=None, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
 @click.option("--web", "web_dir", default=None,
@@ -48,6 +49,10 @@ def _positive(ctx, param, value):
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
 def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen, batch_variants, force):
     """Export prefill and decode-step ONNX graphs (dynamic batch and length) plus their io.json, and/or a web page."""
+    from hnet_core.backends import DEMO_MODEL
+
+    if model_path is None:
+        model_path = DEMO_MODEL
     try:
         if out_dir is None and web_dir is None:
             raise HNetError("give --out DIR (the ONNX export), --web DIR (a web page running it), or both")

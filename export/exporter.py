@@ -4,6 +4,7 @@
 
 writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
     prefill.onnx        input_ids + mask -> logits, routing, every recurrent state
+    extend.onnx         a piece (input_ids + mask) + states -> logits, routing, new states (prompts in pieces)
     step.onnx           one byte per sample + states -> logits, routing, new states
     step_cond.onnx      (with batch_variants) the same step, inner levels under an ONNX If
     weights.onnx.data   (large models, or external_data=True) the weights, shared by all graphs
@@ -11,7 +12,7 @@ writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
     export.json         opset, dtype, max_seqlen, versions of the exporter's packages
     io.json             every graph input and output: name, dtype, shape, meaning
 
-The graphs come from torch.onnx.export(dynamo=True) of graph.PrefillGraph / graph.StepGraph (the
+The graphs come from torch.onnx.export(dynamo=True) of graph.PrefillGraph / ExtendGraph / StepGraph (the
 TorchScript exporter bakes the data-dependent chunk counts into constants). This module imports
 torch; the runtime never imports it.
 """
@@ -36,7 +37,7 @@ from hnet_core.errors import HNetError
 from hnet_torch.lm import HNetForCausalLM
 from hnet_torch.loading import load_pretrained
 
-from .graph import PrefillGraph, StepGraph
+from .graph import ExtendGraph, PrefillGraph, StepGraph
 from .layout import BATCH, KV_SLOTS, LENGTH, TensorSpec, graph_io
 
 FORMAT_VERSION = 1
@@ -77,11 +78,12 @@ def _example(spec: TensorSpec) -> torch.Tensor:
     return torch.zeros(shape, dtype=getattr(torch, spec.dtype))
 
 
-def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int, varargs: bool):
+def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int,
+           fixed_args: int | None):
     args = tuple(_example(s) for s in inputs)
     dims = tuple(_dims(s) for s in inputs)
-    if varargs:  # forward(input_ids, *states): dynamic shapes follow the signature's structure
-        dims = (dims[0], dims[1:])
+    if fixed_args is not None:  # forward(input_ids, [mask,] *states): dynamic shapes follow the signature
+        dims = (*dims[:fixed_args], dims[fixed_args:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -197,7 +199,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     weight_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     if external_data is None:
         external_data = weight_bytes >= EXTERNAL_DATA_AUTO_BYTES
-    graphs = [("prefill", PrefillGraph(model, max_seqlen), "prefill")]
+    graphs = [("prefill", PrefillGraph(model, max_seqlen), "prefill"), ("extend", ExtendGraph(model, max_seqlen), "extend")]
     graphs.append(("step", StepGraph(model, max_seqlen, "where"), "step"))
     if batch_variants:
         graphs.append(("step_cond", StepGraph(model, max_seqlen, "cond"), "step"))
@@ -213,7 +215,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
                 inputs, outputs = graph_io(config, max_seqlen, dtype, kind)
                 with torch.no_grad():
                     # The graph modules hold the model as `.model`, so weights are named `model.<param>`.
-                    onnx_model = _trace(module, inputs, outputs, opset, varargs=kind == "step")
+                    onnx_model = _trace(module, inputs, outputs, opset, {"prefill": None, "extend": 2, "step": 1}[kind])
                 if shared is not None:
                     shared.externalize(onnx_model, {"model." + n for n in weight_names})
                 onnx_model.producer_name = "hnet-mlx"
@@ -247,6 +249,9 @@ def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset:
                 force: bool = False, external_data: bool | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
     """Load a checkpoint (official .pt or model directory) and export it; see the module docstring."""
     check_options(opset, dtype, max_seqlen)
+    io.check_output_path(out_dir, "output directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise HNetError(f"output path {out_dir} exists and is not a directory; choose another path")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         # Checked before the slow part too (atomic_directory checks again before writing).
         raise HNetError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it")

@@ -1,6 +1,7 @@
 """Export-friendly prefill and decode-step modules over an hnet_torch model's weights.
 
     PrefillGraph(model, max_seqlen)(input_ids, mask) -> (logits, *routing, *states)
+    ExtendGraph(model, max_seqlen)(input_ids, mask, *states) -> (logits, *routing, *states)
     StepGraph(model, max_seqlen, variant)(input_ids, *states) -> (logits, *routing, *states)
 
 The tensors come in the order of layout.graph_io, flat and individually named, so one exported
@@ -12,8 +13,13 @@ hnet_torch's HNet.forward/step, and why:
   * in a step, the reference runs the inner level only `if boundary.any()` (a Python branch on
     data). Variant "where" always runs it for every sample and keeps the new state only where the
     sample is at a boundary; variant "cond" wraps the inner level in torch.cond (an ONNX `If`) on
-    `any(boundary)`, skipping it when no sample in the batch starts a chunk.
+    `any(boundary)`, skipping it when no sample in the batch starts a chunk;
+  * an extension continues the step states with a right-padded piece (rows may be empty). Nothing is
+    forced at the cut: the first new token is compared with the cached last hidden state (eq. 4),
+    the EMA starts from the cached last value, and the inner level gets exactly the chunks the piece
+    produced, padded to at least one (masked) entry so no axis is ever empty.
 """
+
 
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from hnet_torch.hnet import HNet
 from hnet_torch.lm import HNetForCausalLM
 from hnet_torch.routing import boundary_probability
 
-from .layers import State, keep, stack_prefill, stack_step
+from .layers import State, keep, stack_extend, stack_prefill, stack_step
 from .layout import state_specs
 from .scan import ChunkCounts, ema_chunk_scan
 
@@ -89,6 +95,60 @@ def level_prefill(node: HNet, h: torch.Tensor, mask: torch.Tensor, lengths: torc
     h = (z.to(inner.dtype).to(residual.dtype) + residual).to(inner.dtype)
     h = stack_prefill(node.decoder, h, mask, lengths, chunks, max_seqlen, f"level{s}.decoder", out)
     out[f"level{s}.length"] = lengths
+    return h[..., :d_parent]
+
+
+def level_extend(node: HNet, h: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, chunks: ChunkCounts,
+                 max_seqlen: int, past: State, out: State, routing: list) -> torch.Tensor:
+    """One level over a piece (b, l, D_parent) of `counts` real tokens per row, on top of past's states."""
+    s = node.level
+    d_parent = h.shape[-1]
+    h = node._pad(h)
+    past_len = past[f"level{s}.length"]  # (b,) tokens before the piece
+    out[f"level{s}.length"] = past_len + counts
+    if node.is_innermost:
+        h = stack_extend(node.main_network, h, mask, past_len, counts, chunks, max_seqlen, past, f"level{s}.main", out)
+        return h[..., :d_parent]
+
+    h = stack_extend(node.encoder, h, mask, past_len, counts, chunks, max_seqlen, past, f"level{s}.encoder", out)
+    residual = node.residual_proj(h.to(node.residual_proj.weight.dtype))
+    r = node.routing_module
+    l = h.shape[1]
+    rows = torch.arange(h.shape[0], device=h.device)
+    last = past[f"level{s}.routing.last_hidden"]  # (b, D)
+    # q of the previous token: the cached one for the piece's first token (eq. 4 across the cut).
+    q = F.pad(r.q_proj_layer(h), (0, 0, 1, 0))[:, :l]
+    first = torch.arange(l, device=h.device)[None] == 0  # (1, l)
+    q = torch.where(first[..., None], r.q_proj_layer(last)[:, None].to(q.dtype), q)
+    p = boundary_probability(q, r.k_proj_layer(h))
+    p = torch.where(first & (past_len[:, None] == 0), torch.ones((), dtype=p.dtype), p)  # p_0 = 1 at a sample's start
+    boundary = (p > 0.5) & mask
+    last_index = (counts - 1).clamp(min=0)
+    out[f"level{s}.routing.last_hidden"] = torch.where((counts > 0)[:, None], h[rows, last_index].to(last.dtype), last)
+    routing.append((p, boundary, mask.clone()))
+
+    # Chunk (eq. 3) the piece's boundary tokens; at least one (masked) inner entry when there are none.
+    inner_counts = boundary.sum(-1)  # (b,) may be 0
+    M = inner_counts.max().clamp(min=1).item()
+    torch._check(M >= 1)
+    torch._check(M <= h.shape[1])
+    order = boundary_order(boundary)[:, :M]  # (b, M)
+    inner = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
+    inner_mask = torch.arange(M, device=h.device)[None] < inner_counts[:, None]
+    inner_chunks = ChunkCounts(M)
+    inner = level_extend(node.main_network, inner, inner_mask, inner_counts, inner_chunks, max_seqlen, past, out,
+                         routing)
+
+    # Dechunk (eq. 5-6) from the cached EMA value; bytes before the piece's first boundary keep it.
+    last_value = past[f"level{s}.dechunk.last_value"]  # (b, D) fp32
+    p_chunks = p.float().clamp(P_MIN, P_MAX).gather(1, order)  # (b, M)
+    z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, inner_chunks, initial=last_value)  # (b, M, D) fp32
+    z = torch.cat([last_value[:, None].float(), z], dim=1)  # (b, M + 1, D): entry 0 = before the piece
+    chunk_of = torch.cumsum(boundary.long(), dim=1)  # (b, l) in 0..M
+    z = z.gather(1, chunk_of[..., None].expand(-1, -1, z.shape[-1]))
+    out[f"level{s}.dechunk.last_value"] = torch.where((counts > 0)[:, None], z[rows, last_index], last_value)
+    h = (z.to(inner.dtype).to(residual.dtype) + residual).to(inner.dtype)
+    h = stack_extend(node.decoder, h, mask, past_len, counts, chunks, max_seqlen, past, f"level{s}.decoder", out)
     return h[..., :d_parent]
 
 
@@ -189,6 +249,27 @@ class PrefillGraph(nn.Module):
                           routing)
         logits = self.model.lm_head(h)
         assert sorted(out) == sorted(self.state_names), "prefill states do not match the layout"
+        return (logits, *(t for r in routing for t in r), *(out[n] for n in self.state_names))
+
+
+class ExtendGraph(nn.Module):
+    """A right-padded piece (rows may be empty) on top of the step states: prefill continued."""
+
+    def __init__(self, model: HNetForCausalLM, max_seqlen: int):
+        super().__init__()
+        self.model = model
+        self.max_seqlen = max_seqlen
+        self.state_names = [t.name for t in state_specs(model.config, max_seqlen, "float32", "step")]
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        past = dict(zip(self.state_names, states))
+        out: State = {}
+        routing: list = []
+        h = self.model.embeddings(input_ids)
+        h = level_extend(self.model.backbone, h, mask, mask.long().sum(-1), ChunkCounts(input_ids.shape[1]),
+                         self.max_seqlen, past, out, routing)
+        logits = self.model.lm_head(h)
+        assert sorted(out) == sorted(self.state_names), "extend states do not match the layout"
         return (logits, *(t for r in routing for t in r), *(out[n] for n in self.state_names))
 
 

@@ -10,7 +10,11 @@ symbolic sizes or must be functional is written again here:
     reference's `state.k[rows, slot] = ...` is an in-place index_put); prefill returns the keys of
     global layers unpadded and the runtime sizes the buffer (the reference raises on a length check);
   * in a decode step, `active` (B,) selects per sample whether the new state is kept, as in the
-    reference's `commit`.
+    reference's `commit`;
+  * an extension (`*_extend`) runs a right-padded piece of `counts` (B,) tokens per sample on top of
+    the states of `past` (positions `past_len` (B,) onward): the conv sees the cached inputs before
+    the piece, the scan starts from the cached SSM state, attention sees the cached keys; a sample
+    with count 0 keeps every state.
 """
 
 from __future__ import annotations
@@ -76,6 +80,28 @@ def mamba_step(m: Mamba2, u: torch.Tensor, past: State, name: str, out: State, a
     return m.out_proj(y)[:, None]
 
 
+def mamba_extend(m: Mamba2, u: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, chunks: ChunkCounts,
+                 past: State, name: str, out: State) -> torch.Tensor:
+    """u (b, l, d) right-padded with `mask` (counts real tokens per row), continuing past's states."""
+    b, l, _ = u.shape
+    z, xBC, dt = m._split(m.in_proj(u))  # (b, l, ·)
+    conv_old = past[name + ".conv"]  # (b, conv_dim, d_conv): the last d_conv conv inputs
+    full = torch.cat([conv_old.transpose(1, 2).to(xBC.dtype), xBC], dim=1)  # (b, d_conv + l, conv_dim)
+    # New conv state = the last d_conv inputs up to each row's last real token (the old one if count is 0).
+    idx = counts[:, None] + torch.arange(m.d_conv, device=u.device)  # (b, k) into `full`
+    out[name + ".conv"] = full.gather(1, idx[..., None].expand(-1, -1, m.conv_dim)).transpose(1, 2).to(conv_old.dtype)
+    conv = F.conv1d(full.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, groups=m.conv_dim)  # (b, conv_dim, l + 1)
+    xBC = F.silu(conv[..., 1:]).transpose(1, 2)  # token i's window is full[i + 1 : i + 1 + d_conv]
+    x, B, C = torch.split(xBC, [m.d_inner, m.d_state, m.d_state], dim=-1)
+    dt = F.softplus(dt.float() + m.dt_bias.float()) * mask[..., None]  # padding leaves the state as it is
+    A = -torch.exp(m.A_log.float())
+    y, final_state = ssd_chunk_scan(x.reshape(b, l, m.nheads, m.headdim), dt, A, B, C, m.chunk_size, m.D, chunks,
+                                    initial_state=past[name + ".ssm"])
+    out[name + ".ssm"] = final_state
+    y = m.norm(y.reshape(b, l, m.d_inner).to(u.dtype), z)
+    return m.out_proj(y)
+
+
 # -- attention ------------------------------------------------------------------------------
 
 
@@ -127,6 +153,40 @@ def attention_step(a: CausalMHA, x: torch.Tensor, positions: torch.Tensor, max_s
     return a.out_proj(ctx.transpose(1, 2).reshape(b, 1, a.d_model))
 
 
+def attention_extend(a: CausalMHA, x: torch.Tensor, past_len: torch.Tensor, counts: torch.Tensor, max_seqlen: int,
+                     past: State, name: str, out: State) -> torch.Tensor:
+    """x (b, l, d): tokens at positions past_len + i (i < counts real), attending to the cached keys
+    and to the piece itself; the piece's keys are written into the cache buffers."""
+    b, l, _ = x.shape
+    positions = past_len[:, None] + torch.arange(l, device=x.device)[None]  # (b, l)
+    q, k, v = a._qkv(x, positions)  # (b, l, h, d), rotary at each sample's own positions
+    k_old, v_old = past[name + ".k"], past[name + ".v"]
+    slots = k_old.shape[1]
+    _, ring = kv_slots(a.window_size, max_seqlen)
+    j = torch.arange(slots, device=x.device)[None]  # (1, slots)
+    total = past_len + counts  # (b,)
+    if ring:
+        # Slot j holds the latest position t < length with t = j (mod slots), before and after the piece.
+        old_pos = j + slots * torch.div(past_len[:, None] - 1 - j, slots, rounding_mode="floor")  # (b, slots)
+        new_pos = j + slots * torch.div(total[:, None] - 1 - j, slots, rounding_mode="floor")
+    else:
+        old_pos = j.expand(b, -1)  # slot t = position t; the buffer holds >= total slots (the runtime sizes it)
+        new_pos = old_pos
+    cached = (old_pos >= 0) & (old_pos < past_len[:, None])  # (b, slots) slots holding a past key
+    fresh = (new_pos >= past_len[:, None]) & (new_pos < total[:, None])  # slots the piece writes
+    src = (new_pos - past_len[:, None]).clamp(0, l - 1)[..., None, None].expand(-1, -1, a.num_heads, a.head_dim)
+    out[name + ".k"] = torch.where(fresh[..., None, None], k.gather(1, src).to(k_old.dtype), k_old)
+    out[name + ".v"] = torch.where(fresh[..., None, None], v.gather(1, src).to(v_old.dtype), v_old)
+    keys = torch.cat([k_old.to(k.dtype), k], dim=1)  # (b, slots + l, h, d)
+    values = torch.cat([v_old.to(v.dtype), v], dim=1)
+    key_pos = torch.cat([old_pos, positions], dim=1)  # (b, slots + l)
+    visible = kernels.window_mask(positions, key_pos, a.window_size)  # (b, l, slots + l)
+    visible = visible & torch.cat([cached, torch.ones_like(positions, dtype=torch.bool)], dim=1)[:, None]
+    ctx = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=visible[:, None])
+    return a.out_proj(ctx.transpose(1, 2).reshape(b, l, a.d_model))
+
+
 # -- stacks ---------------------------------------------------------------------------------
 
 
@@ -157,6 +217,22 @@ def stack_step(stack: Isotropic, h: torch.Tensor, positions: torch.Tensor, max_s
             h = attention_step(block.mixer, h, positions, max_seqlen, past, name, out, active)
         else:
             h = mamba_step(block.mixer, h, past, name, out, active)
+        if block.mlp is not None:
+            h, residual = block.norm2(h, residual, prenorm=True)
+            h = block.mlp(h)
+    return stack.rmsnorm(h, residual)
+
+
+def stack_extend(stack: Isotropic, h: torch.Tensor, mask: torch.Tensor, past_len: torch.Tensor, counts: torch.Tensor,
+                 chunks: ChunkCounts, max_seqlen: int, past: State, prefix: str, out: State) -> torch.Tensor:
+    residual = None
+    for i, block in enumerate(stack.layers):
+        name = f"{prefix}.{i}"
+        h, residual = block.norm1(h, residual, prenorm=True)
+        if isinstance(block.mixer, CausalMHA):
+            h = attention_extend(block.mixer, h, past_len, counts, max_seqlen, past, name, out)
+        else:
+            h = mamba_extend(block.mixer, h, mask, counts, chunks, past, name, out)
         if block.mlp is not None:
             h, residual = block.norm2(h, residual, prenorm=True)
             h = block.mlp(h)

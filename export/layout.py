@@ -12,7 +12,9 @@ the module tree of one hierarchy level at a time:
     level{s}.main.{i}.*                     layers of the innermost level's main network
     level{s}.length                         tokens each sample has at level s (= next position)
 
-Graph inputs carry the prefix `past.`, graph outputs `present.`.
+Graph inputs carry the prefix `past.`, graph outputs `present.`. The extend graph takes a piece
+(input_ids, mask: BATCH x LENGTH) plus the step graph's `past.` states and returns prefill-shaped
+logits and routing for the piece with the step graph's `present.` states.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ def _stack_specs(config: HNetConfig, level: int, part: str, letters: list[str], 
 
 
 def state_specs(config: HNetConfig, max_seqlen: int, dtype: str, graph: str) -> list[TensorSpec]:
-    """Every recurrent state, in graph order. graph is 'prefill' (outputs) or 'step' (inputs and outputs)."""
+    """Every recurrent state, in graph order. graph is 'prefill' (outputs) or 'step' / 'extend' (inputs and
+    outputs; both carry the same decode-time states)."""
+    if graph == "extend":
+        graph = "step"
     out: list[TensorSpec] = []
     for level, lv in enumerate(config.levels):
         d = config.d_model[level]
@@ -108,9 +113,11 @@ def routing_specs(config: HNetConfig, graph: str) -> list[TensorSpec]:
     """Per routing stage: boundary probability, boundary mask and which entries are real."""
     out = []
     for s in range(config.num_stages):
-        if graph == "prefill":
+        if graph in ("prefill", "extend"):
             shape = [BATCH, level_axis(s)]
             where = "stage 0: the input bytes" if s == 0 else f"stage {s}: the chunks of stage {s - 1}, padded per row"
+            if graph == "extend":
+                where += " (the piece only; at least one entry per inner stage, masked when the piece made no chunk)"
         else:
             shape = [BATCH, 1]
             where = "this step"
@@ -124,7 +131,7 @@ def routing_specs(config: HNetConfig, graph: str) -> list[TensorSpec]:
 
 
 def graph_io(config: HNetConfig, max_seqlen: int, dtype: str, graph: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """(inputs, outputs) of 'prefill' or 'step', in graph order, with their io.json names."""
+    """(inputs, outputs) of 'prefill', 'extend' or 'step', in graph order, with their io.json names."""
     states = state_specs(config, max_seqlen, dtype, graph)
     if graph == "prefill":
         inputs = [
@@ -132,6 +139,15 @@ def graph_io(config: HNetConfig, max_seqlen: int, dtype: str, graph: str) -> tup
             TensorSpec("mask", "bool", [BATCH, LENGTH], "True on each row's real bytes (a prefix of at least one byte)"),
         ]
         logits = TensorSpec("logits", dtype, [BATCH, LENGTH, config.vocab_size], "next-byte logits at every position")
+    elif graph == "extend":
+        inputs = [
+            TensorSpec("input_ids", "int64", [BATCH, LENGTH], "the next bytes of every sample (a piece), right-padded"),
+            TensorSpec("mask", "bool", [BATCH, LENGTH],
+                       "True on each row's real bytes (a prefix; an all-False row leaves that sample's states as they are)"),
+        ]
+        inputs += [TensorSpec("past." + s.name, s.dtype, s.shape, s.meaning + " (before the piece; the step's states, "
+                              "global KV buffers holding at least past length + piece length slots)") for s in states]
+        logits = TensorSpec("logits", dtype, [BATCH, LENGTH, config.vocab_size], "next-byte logits at every position of the piece")
     else:
         inputs = [TensorSpec("input_ids", "int64", [BATCH, 1], "the next byte of every sample")]
         inputs += [TensorSpec("past." + s.name, s.dtype, s.shape, s.meaning) for s in states]

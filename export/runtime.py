@@ -3,6 +3,7 @@
     from hnet_export import OnnxHNet
     m = OnnxHNet("onnx_dir", provider="auto")      # "cpu" | "cuda" | "auto"
     out = m.prefill(input_ids, mask)                # numpy in; out.logits (B, L, 256), out.routing[s]
+    out = m.extend(piece_ids, piece_mask)           # continue the live states with a piece (any length)
     out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
 
 The recurrent states (see io.json) stay inside the object between calls. On CUDA
@@ -216,13 +217,75 @@ class OnnxHNet:
             variant = "cond" if ("step_cond" in self.meta["graphs"] and self._batch == 1 and self.device == "cpu") else "where"
         return self._session("step_cond" if variant == "cond" else "step")
 
-    def step(self, next_ids) -> OnnxOutput:
-        """Consume one byte per sample: next_ids (B, 1) -> logits (B, 1, vocab)."""
+    def extend(self, input_ids, mask=None, capacity: int | None = None) -> OnnxOutput:
+        """Continue the live states with a piece (B, L), right-padded with `mask` (default: all real);
+        a row with an all-False mask leaves its sample as it is. Logits and boundaries equal those of
+        one prefill over everything fed so far (nothing is forced at the cut: routing compares the
+        piece's first byte with the last cached state). On a fresh object this is prefill()."""
+        if self._states is None and not self._batch:
+            return self.prefill(input_ids, mask, capacity)
+        self._check_live()
+        if "extend" not in self.meta["graphs"]:
+            raise HNetError("this export has no extend.onnx (it predates prompts in pieces); re-export the model "
+                            "with `hnet export onnx` to continue a live state")
+        ids = self._check_ids(input_ids, "input_ids")
+        B, L = ids.shape
+        if B != self._batch:
+            raise HNetError(f"the live state holds {self._batch} samples; extend takes input_ids of shape "
+                            f"({self._batch}, length), got {ids.shape}")
+        mask = np.ones((B, L), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+        if mask.shape != (B, L):
+            raise HNetError(f"mask shape {mask.shape} must equal input_ids shape {(B, L)}")
+        if L > 1 and (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise HNetError("mask must be right-padded: True on a prefix of each row, then False")
+        lengths = np.asarray(self._to_host(self._states["level0.length"])) + mask.sum(-1)
+        end = int(lengths.max())
+        if end > self.max_seqlen:
+            raise HNetError(f"the state ({self._position} bytes) + this piece ({int(mask.sum(-1).max())} bytes) exceed "
+                            f"this export's max_seqlen {self.max_seqlen}; re-export with a larger --max-seqlen")
+        if self._capacity == 0:
+            self._reserve = max(self._reserve, capacity or 0, end)
+            self._start_decoding()
+        if end > self._capacity:  # every global KV buffer must hold each sample's past + piece
+            self._capacity = min(self.max_seqlen, max(2 * self._capacity, end, capacity or 0))
+            for name in self._growable:
+                self._states[name] = self._pad_slots(self._states[name], self._capacity)
+        outputs = self._run_stateful(self._session("extend"), {"input_ids": ids, "mask": mask})
+        self._position = end
+        return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=False))
+
+    def _check_live(self) -> None:
         if self._states is None:
             if self._batch:
                 raise HNetError(f"the prompt is longer than this export's max_seqlen {self.max_seqlen}; "
                                 "re-export with a larger --max-seqlen to decode from it")
             raise HNetError("call prefill(input_ids, mask) before step()")
+
+    def _run_stateful(self, session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list:
+        """Run a graph that maps past.* states to present.* states; keep the new states, return the
+        logits and routing outputs (host arrays) first, as the graph lists them."""
+        names = [o.name for o in session.get_outputs()]
+        first_state = 1 + 3 * self.num_stages
+        if self.io_binding:
+            binding = session.io_binding()
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self._state_names:
+                binding.bind_ortvalue_input("past." + name, self._states[name])
+            for k, name in enumerate(names):
+                binding.bind_output(name, "cpu" if k < first_state else self.device)
+            session.run_with_iobinding(binding)
+            values = binding.get_outputs()
+            outputs = [v.numpy() for v in values[:first_state]] + list(values[first_state:])
+        else:
+            feed = {**inputs, **{"past." + n: v for n, v in self._states.items()}}
+            outputs = session.run(None, feed)
+        self._states = {n[len("present."):]: v for n, v in zip(names[first_state:], outputs[first_state:])}
+        return outputs
+
+    def step(self, next_ids) -> OnnxOutput:
+        """Consume one byte per sample: next_ids (B, 1) -> logits (B, 1, vocab)."""
+        self._check_live()
         ids = self._check_ids(next_ids, "next_ids")
         if ids.shape != (self._batch, 1):
             raise HNetError(f"step takes next_ids of shape ({self._batch}, 1), got {ids.shape}")
@@ -233,23 +296,7 @@ class OnnxHNet:
             self._start_decoding()
         if self._position >= self._capacity:
             self._grow()
-        session = self._session_for_step()
-        names = [o.name for o in session.get_outputs()]
-        first_state = 1 + 3 * self.num_stages
-        if self.io_binding:
-            binding = session.io_binding()
-            binding.bind_cpu_input("input_ids", ids)
-            for name in self._state_names:
-                binding.bind_ortvalue_input("past." + name, self._states[name])
-            for k, name in enumerate(names):
-                binding.bind_output(name, "cpu" if k < first_state else self.device)
-            session.run_with_iobinding(binding)
-            values = binding.get_outputs()
-            outputs = [v.numpy() for v in values[:first_state]] + list(values[first_state:])
-        else:
-            feed = {"input_ids": ids, **{"past." + n: v for n, v in self._states.items()}}
-            outputs = session.run(None, feed)
-        self._states = {n[len("present."):]: v for n, v in zip(names[first_state:], outputs[first_state:])}
+        outputs = self._run_stateful(self._session_for_step(), {"input_ids": ids})
         self._position += 1
         return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=True))
 

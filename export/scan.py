@@ -44,6 +44,7 @@ def chunked_scan(
     C: torch.Tensor,  # (b, l, n)
     chunk_size: int,
     chunks: ChunkCounts | None = None,  # of this length l
+    initial_state: torch.Tensor | None = None,  # (b, h, p, n) state before position 0 (default zeros)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32."""
     b, l, h, p = u.shape
@@ -69,9 +70,14 @@ def chunked_scan(
     states = (u * to_end[..., None]).transpose(-1, -2) @ B[:, :, None]  # (b, c, h, p, n)
 
     # 3. pass states between chunks: entering[z] = sum_{k<=z} exp(sum totals k..z-1) states[k]
-    totals = F.pad(a_cs[..., -1].transpose(1, 2), (1, 0))  # (b, h, c+1), a zero initial state first
+    # The initial state (zeros, or the state a cache carries into an extension) enters as chunk -1.
+    totals = F.pad(a_cs[..., -1].transpose(1, 2), (1, 0))  # (b, h, c+1), the initial state first
     chunk_decay = torch.exp(segsum(totals))  # (b, h, c+1, c+1)
-    all_states = F.pad(states, (0, 0, 0, 0, 0, 0, 1, 0)).transpose(1, 2).reshape(b, h, c + 1, p * n)
+    if initial_state is None:
+        all_states = F.pad(states, (0, 0, 0, 0, 0, 0, 1, 0))
+    else:
+        all_states = torch.cat([initial_state.float()[:, None], states], dim=1)  # (b, c+1, h, p, n)
+    all_states = all_states.transpose(1, 2).reshape(b, h, c + 1, p * n)
     entering = chunk_decay @ all_states  # (b, h, c+1, p n)
     final_state = entering[:, :, c].reshape(b, h, p, n)
     entering = entering[:, :, :c].reshape(b, h, c, p, n).transpose(1, 2)  # (b, c, h, p, n)
@@ -84,21 +90,23 @@ def chunked_scan(
 
 
 def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   chunk_size: int, D: torch.Tensor, chunks: ChunkCounts | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int, D: torch.Tensor, chunks: ChunkCounts | None = None,
+                   initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba2 SSD, x (b, l, h, p), softplus'ed dt (b, l, h), B/C (b, l, n):
-    y = C h + D x with h_t = exp(dt A) h_{t-1} + dt x B^T."""
+    y = C h + D x with h_t = exp(dt A) h_{t-1} + dt x B^T (h_{-1} = initial_state, default 0)."""
     dt = dt.float()
-    y, final_state = chunked_scan(x.float() * dt[..., None], dt * A.float(), B, C, chunk_size, chunks)
+    y, final_state = chunked_scan(x.float() * dt[..., None], dt * A.float(), B, C, chunk_size, chunks, initial_state)
     return y + x.float() * D.float()[:, None], final_state
 
 
-def ema_chunk_scan(values: torch.Tensor, p: torch.Tensor, chunk_size: int, chunks: ChunkCounts | None = None
-                   ) -> torch.Tensor:
-    """The dechunk EMA z_j = p_j v_j + (1 - p_j) z_{j-1}, z_{-1} = 0 (paper eq. 5): (b, m, d) fp32."""
+def ema_chunk_scan(values: torch.Tensor, p: torch.Tensor, chunk_size: int, chunks: ChunkCounts | None = None,
+                   initial: torch.Tensor | None = None) -> torch.Tensor:
+    """The dechunk EMA z_j = p_j v_j + (1 - p_j) z_{j-1}, z_{-1} = initial (b, d) or 0 (paper eq. 5):
+    (b, m, d) fp32."""
     b, m, d = values.shape
     p = p.float()
     ones = torch.ones(b, m, 1, device=values.device, dtype=torch.float32)
     u = (values.float() * p[..., None])[:, :, None]  # (b, m, 1, d): one head of width d
-    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size, chunks)
+    state = None if initial is None else initial.float()[:, None, :, None]  # (b, 1, d, 1)
+    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size, chunks, state)
     return y[:, :, 0]

@@ -2,7 +2,9 @@
 
 Every backend offers the same generation contract:
     stream_generate(model, prompts, max_tokens=, sampling=, stop=) -> yields GenerationStep, returns GenerationStats
-so the CLIs render output and statistics the same way whichever framework computed the logits.
+so the CLIs render output and statistics the same way whichever framework computed the logits,
+and the same evaluation forward (`eval_forward`, from each backend's own evaluate module):
+    make_forward(model_path, device=, dtype=) -> forward(ids, mask) -> (logits, [(boundary, valid)])
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ BACKENDS = ("torch", "mlx", "onnx")
 # The small Austen model shipped with the package (see demo_model/README.md); used when no model is given.
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 _EXTRA = {"torch": "torch", "mlx": "mlx", "onnx": "onnx"}
+# backend -> module whose make_forward(model_path, device, dtype) serves hnet_core.evaluate
+EVAL_MODULES = {"torch": "hnet_torch.evaluate", "mlx": "hnet_mlx.evaluate", "onnx": "hnet_export.evaluate"}
 
 
 @dataclass
@@ -88,3 +92,13 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
         raise HNetError("the onnx backend reads its settings from the exported directory; --config/--dtype apply at export time")
     model = onnx_api.OnnxHNet(path, provider=device or "auto")
     return LoadedModel(backend, model, onnx_api.stream_generate, _rss_peak)
+
+
+def eval_forward(backend: str, path: str, device: str | None = None, dtype: str | None = None) -> Callable:
+    """The backend's evaluation forward: (ids (B, L) int32, mask (B, L) bool) -> (logits (B, L, V) float32,
+    [(boundary_mask (B, L_s), valid (B, L_s)) per stage]), all numpy."""
+    if backend not in BACKENDS:
+        raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "mlx" and dtype is None and os.path.abspath(path) == DEMO_MODEL:
+        dtype = "float32"  # as in load_model: the demo is stored in float16, slow on MLX's CPU
+    return _import(EVAL_MODULES[backend], backend).make_forward(path, device=device, dtype=dtype)

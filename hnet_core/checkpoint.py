@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from typing import Callable
 
 from . import io
@@ -94,3 +95,33 @@ def read_state(path: str) -> dict:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise HNetError(f"cannot read checkpoint state {state_path}: {e}") from None
+
+
+def is_run_dir(path: str) -> bool:
+    """A directory written by `train` / `finetune --out` (not itself a model directory)."""
+    return os.path.isdir(path) and not io.is_model_dir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in (TRAIN_CONFIG_NAME, CHECKPOINTS, FINAL_MODEL))
+
+
+def resolve_model_path(path: str | os.PathLike, announce: Callable[[str], None] | None = None) -> str:
+    """The model directory to load for `--model PATH`, shared by every loader and CLI.
+
+    A run directory (what `train` / `finetune --out` wrote) stands for its final model (`model/`), or,
+    while training has not finished, its newest checkpoint's weights; which one was taken is
+    announced (default: one line on stderr). Anything else is returned unchanged for the loader to
+    judge (a model directory, a .pt checkpoint, a Hugging Face repo id, an ONNX export).
+    """
+    path = os.fspath(path)
+    if not is_run_dir(path):
+        return path
+    say = announce or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    final = os.path.join(path, FINAL_MODEL)
+    if io.is_model_dir(final):
+        say(f"using the final model of run {path}: {final}")
+        return final
+    latest = latest_checkpoint(path)
+    if latest is not None and io.is_model_dir(latest):
+        say(f"using the newest checkpoint of run {path} (no final model yet): {latest}")
+        return latest
+    raise HNetError(f"{path} is a training run directory with no final model ({FINAL_MODEL}/) and no complete "
+                    f"checkpoint yet; train longer or pass a model directory")

@@ -12,6 +12,7 @@ Subcommands live beside the code they drive and are imported only when used, so 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -62,20 +63,28 @@ class HNetGroup(click.Group):
             return super().invoke(ctx)
         except HNetError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            # A path the system refused (the writers check theirs first; this is the net for the rest).
+            if e.filename is None:
+                raise
+            raise click.ClickException(f"cannot use {e.filename}: {e.strerror or e}") from None
 
 
-def read_prompts(prompts: Sequence[str]) -> list[str]:
-    """`-` reads the prompt from stdin (as UTF-8; invalid bytes are an error, not a crash)."""
+def read_prompts(prompts: Sequence[str]) -> list[bytes]:
+    """The prompts as the raw bytes the user gave: argv as the OS passed it (os.fsencode undoes Python's
+    surrogateescape decoding, so invalid UTF-8 passes through unchanged), `-` as stdin's bytes."""
     out = []
     for p in prompts:
         if p == "-":
-            data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
-            try:
-                p = data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise HNetError(f"stdin is not valid UTF-8 (byte {e.start}); pass text or fix the input encoding") from None
-        out.append(p)
+            out.append(sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else os.fsencode(sys.stdin.read()))
+        else:
+            out.append(os.fsencode(p))
     return out
+
+
+def show_bytes(data: bytes) -> str:
+    """Printable text of raw bytes (invalid UTF-8 shown as U+FFFD)."""
+    return data.decode("utf-8", errors="replace")
 
 
 def sampling_options(f):
@@ -99,7 +108,7 @@ def sampling_options(f):
     return f
 
 
-def run_generation(loaded, prompts: list[str], max_tokens: int, temperature: float, top_p: float, top_k: int,
+def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: float, top_p: float, top_k: int,
                    min_p: float, repetition_penalty: float, seed: int | None, stop: Sequence[str], verbose: bool,
                    out=None, on_step=None) -> list[str]:
     """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats."""
@@ -130,7 +139,7 @@ def run_generation(loaded, prompts: list[str], max_tokens: int, temperature: flo
             safe_write(out, "\n")
         else:
             for i, t in enumerate(texts):
-                safe_write(out, f"=== [{i}] {prompts[i]!r}\n{t}\n")
+                safe_write(out, f"=== [{i}] {show_bytes(prompts[i])!r}\n{t}\n")
     if verbose and stats is not None:
         print_stats(stats, loaded.peak_memory())
     return texts
@@ -169,11 +178,13 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["torch", "mlx", "onnx"]), default="torch", show_default=True,
               help="Which implementation runs the model.")
 @click.option("--model", "model_path", default=None,
-              help="Model directory, or an official .pt checkpoint (torch). Default: the bundled demo model "
-                   "(3.9M parameters, trained on Jane Austen for 20 minutes).")
+              help="Model directory, a training run directory (its final model, else newest checkpoint), or an "
+                   "official .pt checkpoint (torch); an export directory for onnx. Default (torch, mlx): the bundled "
+                   "demo model (3.9M parameters, trained on Jane Austen for 20 minutes).")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
-              help="Prompt text, or - for stdin. Repeat to generate a batch together.")
+              help="Prompt text (its bytes as given, invalid UTF-8 included), or - for stdin. Repeat to generate a "
+                   "batch together.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights dtype (torch, mlx). Default: float32 in torch, as stored in mlx (the demo model: float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")

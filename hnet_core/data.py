@@ -36,6 +36,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import io
 from .errors import HNetError
 from .tokenizer import BOS_ID, EOS_ID
 
@@ -178,7 +179,7 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False)
     if os.path.exists(dst) and not force:
         raise HNetError(f"{dst} already exists; pass --force to overwrite it")
     directory = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(directory, exist_ok=True)
+    io.make_dirs(directory)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(dst)}-{os.getpid()}")
     starts: list[int] = []
     pos = 0

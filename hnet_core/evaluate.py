@@ -11,7 +11,10 @@ Windows never cross documents. bits per byte = total next-byte cross entropy / l
 
 Per-stage compression is measured on the same windows: tokens entering stage s per chunk it
 emits (outermost first); `bytes_per_chunk` is their running product (bytes per stage-s chunk).
-Backends run masked batches of windows through their own forward; scoring is numpy, shared.
+Backends run masked batches of windows through their own forward (make_forward in hnet_torch,
+hnet_mlx and hnet_export's evaluate.py, registered in backends.py); scoring is numpy, shared.
+Without --model the bundled demo model is scored; a training run directory stands for its final
+model (else its newest checkpoint).
 """
 
 from __future__ import annotations
@@ -144,75 +147,14 @@ def evaluate(forward: Forward, path: str, window: int = 1024, stride: int | None
                       nats=nats, seconds=seconds, window=window, stride=stride, windows=len(plan), documents=len(docs))
 
 
-# -- backends ------------------------------------------------------------------------------
-
-
-def torch_forward(model_path: str, device: str | None = None, dtype: str | None = None) -> Forward:
-    import torch
-
-    import hnet_torch
-
-    model = hnet_torch.load_pretrained(model_path, dtype=dtype, device=device)
-    dev = model.embeddings.weight.device
-
-    @torch.inference_mode()
-    def forward(ids, mask):
-        out = model(torch.from_numpy(ids).to(dev).long(), mask=torch.from_numpy(mask).to(dev))
-        routing = [(r.boundary_mask.cpu().numpy(), (r.valid if r.valid is not None else torch.ones_like(r.boundary_mask))
-                    .cpu().numpy()) for r in out.routing]
-        return out.logits.float().cpu().numpy(), routing
-
-    return forward
-
-
-def mlx_forward(model_path: str, dtype: str | None = None) -> Forward:
-    import mlx.core as mx
-
-    import hnet_mlx
-
-    model, _ = hnet_mlx.load(model_path, dtype=dtype) if dtype else hnet_mlx.load(model_path)
-
-    def forward(ids, mask):
-        out = model(mx.array(ids), mask=mx.array(mask))
-        routing = [(np.array(r.boundary_mask), np.array(r.valid) if r.valid is not None
-                    else np.ones(r.boundary_mask.shape, bool)) for r in out.routing]
-        return np.array(out.logits.astype(mx.float32)), routing
-
-    return forward
-
-
-def onnx_forward(model_path: str, device: str | None = None) -> Forward:
-    import hnet_export
-
-    model = hnet_export.OnnxHNet(model_path, provider=device or "auto")
-
-    def forward(ids, mask):
-        out = model.prefill(ids, mask)
-        routing = []
-        for r in out.routing:
-            boundary = np.asarray(r.boundary_mask, dtype=bool)
-            valid = getattr(r, "valid", None)
-            routing.append((boundary, np.ones_like(boundary) if valid is None else np.asarray(valid, dtype=bool)))
-        return np.asarray(out.logits, dtype=np.float32), routing
-
-    return forward
-
-
 def make_forward(backend: str, model_path: str, device: str | None = None, dtype: str | None = None) -> Forward:
+    """The named backend's forward (hnet_torch / hnet_mlx / hnet_export evaluate.make_forward, through
+    the registry in backends.py, so this module names no framework)."""
+    from .backends import eval_forward
+
     if not os.path.exists(model_path):
         raise HNetError(f"model not found: {model_path}")
-    try:
-        if backend == "torch":
-            return torch_forward(model_path, device, dtype)
-        if backend == "mlx":
-            return mlx_forward(model_path, dtype)
-        if backend == "onnx":
-            if dtype is not None:
-                raise HNetError("--dtype does not apply to onnx (choose it at export time)")
-            return onnx_forward(model_path, device)
-    except ImportError as e:
-        raise HNetError(f"the {backend} backend is not available ({e}); pip install 'hnet-mlx[{backend}]'") from None
-    raise HNetError(f"backend must be torch, mlx or onnx, got {backend!r}")
+    return eval_forward(backend, model_path, device, dtype)
 
 
 def run_eval(backend: str, model_path: str, data: str, max_bytes: int | None, window: int, stride: int | None,
@@ -223,6 +165,12 @@ def run_eval(backend: str, model_path: str, data: str, max_bytes: int | None, wi
         raise HNetError(f"--max-bytes must be positive, got {max_bytes}")
     if batch_size < 1:
         raise HNetError(f"--batch-size must be positive, got {batch_size}")
+    if model_path is None:
+        if backend == "onnx":
+            raise HNetError("--backend onnx needs --model: a directory written by `hnet export onnx`")
+        from .backends import DEMO_MODEL
+
+        model_path = DEMO_MODEL
     forward = make_forward(backend, model_path, device, dtype)
     report = evaluate(forward, data, window=window, stride=stride, batch_size=batch_size, max_bytes=max_bytes)
     report.backend, report.model, report.data = backend, model_path, data
@@ -249,7 +197,9 @@ def eval_options(func):
     import click
 
     options = [
-        click.option("--model", "model_path", required=True, help="Model directory."),
+        click.option("--model", "model_path", default=None,
+                     help="Model directory or a training run directory (an export directory for --backend onnx). "
+                          "Default: the bundled demo model."),
         click.option("--data", required=True, help="Text to score: a file (.xz/.gz ok), JSONL or a directory."),
         click.option("--max-bytes", type=int, default=None, help="Score only the first N bytes."),
         click.option("--window", type=int, default=1024, show_default=True, help="Bytes per window."),

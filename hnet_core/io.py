@@ -23,6 +23,38 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # mlx-lm's default shard size
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output") -> str:
+    """Refuse, before any work, an output path that cannot be written: a file where a directory
+    must be, a directory without write permission. Returns the absolute path. (Missing parent
+    directories are fine: the writers create them.)"""
+    path = os.path.abspath(os.fspath(path))
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise HNetError(f"cannot write {what} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise HNetError(f"cannot write {what} {path}: no permission to write in {ancestor}; choose another path")
+    return path
+
+
+def _write_error(e: OSError, path: str, what: str = "output") -> HNetError:
+    try:
+        check_output_path(path, what)
+    except HNetError as clear:
+        return clear
+    return HNetError(f"cannot write {what} {path}: {e.strerror or e}; choose another path")
+
+
+def make_dirs(path: str | os.PathLike, what: str = "output directory") -> None:
+    """os.makedirs(path, exist_ok=True), with a one-line HNetError when the path cannot be created."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _write_error(e, path, what) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -50,7 +82,13 @@ def normal_permissions(path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    if os.path.isdir(path):
+        raise HNetError(f"cannot write {path}: it is a directory; give a file name")
+    make_dirs(directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    except OSError as e:
+        raise _write_error(e, path, "file") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -74,8 +112,11 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise HNetError(f"output directory {dst} already exists and is not empty; pass --force to overwrite it")
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+    make_dirs(parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+    except OSError as e:
+        raise _write_error(e, dst) from None
     try:
         yield tmp
         normal_permissions(tmp)  # mkdtemp's 0700, and whatever the writers inside left

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import io
 from .errors import HNetError
 from .metrics import read_metrics
 
@@ -46,6 +47,7 @@ def plot_run(run_dir: str, out: str | None = None, smooth: int = 1) -> str:
     path = run_dir if run_dir.endswith(".jsonl") else os.path.join(run_dir, ckpt.METRICS_NAME)
     if not os.path.exists(path):
         raise HNetError(f"no metrics log at {path}; pass a training --out directory (or its metrics.jsonl)")
+    io.check_output_path(out or os.path.join(os.path.dirname(path), "curves.png"), "plot")  # before drawing
     records = read_metrics(path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -101,6 +103,7 @@ def plot_run(run_dir: str, out: str | None = None, smooth: int = 1) -> str:
     fig.tight_layout()
     out = out or os.path.join(os.path.dirname(path), "curves.png")
     directory = os.path.dirname(os.path.abspath(out))
+    io.make_dirs(directory)
     tmp = os.path.join(directory, f".tmp-{os.path.basename(out)}-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=110)

@@ -23,7 +23,7 @@ from .tokenizer import EOS_ID, Utf8StreamDecoder, encode
 
 class TextStream:
     def __init__(self, stop: list[str] | tuple[str, ...] = ()):
-        self.stop = [s.encode("utf-8") for s in stop if s]
+        self.stop = [s if isinstance(s, bytes) else s.encode("utf-8", errors="surrogateescape") for s in stop if s]
         self.decoder = Utf8StreamDecoder()
         self.pending = bytearray()  # bytes not yet printed (a possible stop-string prefix)
         self.generated = bytearray()  # every byte produced, stop strings included

@@ -14,7 +14,9 @@ VOCAB_SIZE = 256
 
 
 def encode(text: str | bytes, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    # surrogateescape: a str holding undecodable bytes (Python's view of invalid UTF-8 in argv or a
+    # file name) gives back exactly those bytes; H-Net reads bytes, so nothing is refused or altered.
+    data = text.encode("utf-8", errors="surrogateescape") if isinstance(text, str) else bytes(text)
     ids = list(data)
     if add_bos:
         ids.insert(0, BOS_ID)

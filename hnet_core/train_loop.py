@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from . import checkpoint as ckpt
+from . import io
 from .data import Batch, BatchSampler, eval_batches, load_tokens, split_validation
 from .errors import HNetError
 from .metrics import MetricsLog
@@ -93,6 +94,7 @@ def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict) 
     `explicit` holds the settings given on the command line; when resuming, those must agree with
     the saved run except the ones in RESUMABLE_CHANGES.
     """
+    io.check_output_path(out, "run directory")  # before any work: a file in the way, no permission
     cfg_path = os.path.join(out, ckpt.TRAIN_CONFIG_NAME)
     if resume is None:
         if ckpt.list_checkpoints(out):
@@ -270,7 +272,7 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
     cfg, out = plan.config, plan.out
     is_main = backend.rank == 0
     if is_main:
-        os.makedirs(out, exist_ok=True)
+        io.make_dirs(out, "run directory")
         cfg.to_json(os.path.join(out, ckpt.TRAIN_CONFIG_NAME))
     log = MetricsLog(os.path.join(out, ckpt.METRICS_NAME), enabled=is_main)
     step = plan.start_step

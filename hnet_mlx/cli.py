@@ -68,9 +68,11 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", "model_path", default=None,
-              help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
+              help="Converted model directory (hnet convert torch-to-mlx) or a training run directory. Default: the "
+                   "bundled demo model.")
 @click.option("--prompt", "-p", "prompts", multiple=True,
-              help="Prompt text, or - for stdin. Repeat it to generate several prompts together.")
+              help="Prompt text (its bytes as given, invalid UTF-8 included), or - for stdin. Repeat it to generate "
+                   "several prompts together.")
 @click.option("--batch", "batch_file", type=click.Path(dir_okay=False), default=None,
               help="A file with one prompt per line, all generated together (ragged lengths are fine).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
@@ -84,8 +86,8 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     if batch_file:
         if not os.path.exists(batch_file):
             raise HNetError(f"--batch file not found: {batch_file}")
-        with open(batch_file, encoding="utf-8", errors="strict") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        with open(batch_file, "rb") as f:  # raw bytes, like every prompt
+            prompts += [line.rstrip(b"\r\n") for line in f if line.strip()]
     if not prompts:
         raise HNetError("give a prompt with --prompt TEXT (or --prompt - for stdin, or --batch FILE)")
     loaded = load_mlx(model_path, dtype)
@@ -99,24 +101,26 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     texts = run_generation(loaded, prompts, out=open(os.devnull, "w"), **kw)
     console = Console(highlight=False)
     for prompt, text in zip(prompts, texts):
-        data = (prompt + text).encode("utf-8")
+        data = prompt + text.encode("utf-8")
         seg = segment(data, stage_masks(loaded.model, data))
         console.print(render_terminal(seg, 0))
 
 
 @main.command()
-@click.option("--model", "model_path", default=None, help="Converted model directory. Default: the bundled demo model.")
+@click.option("--model", "model_path", default=None,
+              help="Converted model directory or a training run directory. Default: the bundled demo model.")
 @click.option("--text", default=None, help="Text to segment.")
 @click.option("--file", "file_path", type=click.Path(dir_okay=False), default=None, help="Read the text from a file.")
 @click.option("--max-bytes", default=8192, show_default=True, type=int, help="Use at most this many bytes of --file.")
-@click.option("--html", "html_path", default=None, help="Also write a standalone HTML page here.")
+@click.option("--html", "html_path", default=None,
+              help="Also write a standalone HTML page here (missing directories are created).")
 def chunks(model_path, text, file_path, max_bytes, html_path):
     """Show how each stage segments a text, with per-stage compression ratios."""
     from rich.console import Console
     from rich.table import Table
 
     from hnet_core.chunks import chunk_counts, render_html, render_terminal, segment
-    from hnet_core.io import atomic_write_text
+    from hnet_core.io import atomic_write_text, check_output_path
 
     if (text is None) == (file_path is None):
         raise HNetError("give exactly one of --text TEXT or --file PATH")
@@ -126,9 +130,11 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
         with open(file_path, "rb") as f:
             data = f.read(max_bytes)
     else:
-        data = text.encode("utf-8")
+        data = os.fsencode(text)  # the bytes given in argv, invalid UTF-8 included
     if not data:
         raise HNetError("the text is empty; give at least one byte")
+    if html_path:
+        check_output_path(html_path, "--html page")
     loaded = load_mlx(model_path)
     boundaries = stage_masks(loaded.model, data)
     seg = segment(data, boundaries)

@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from hnet_core import io
+from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, config_for_weights
@@ -80,6 +81,7 @@ def _checkpoint_in(directory: str) -> str:
 def read_source(src: str, config_path: str | None = None, revision: str | None = None
                 ) -> tuple[dict[str, mx.array], HNetConfig, str]:
     """(weights in MLX layout, config, description) from a .pt, a model directory or a HF repo id."""
+    src = resolve_model_path(src)  # a training run directory -> its final model or newest checkpoint
     description = src
     if not os.path.exists(src):
         if loading.looks_like_repo_id(src):
@@ -196,6 +198,7 @@ def _check_destination(dst: str, force: bool) -> None:
     """Refuse early (before any reading) to overwrite a non-empty DST without --force."""
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise HNetError(f"output path {dst} exists and is not a directory; choose another path")
+    io.check_output_path(dst, "output directory")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise HNetError(f"output directory {dst} already exists and is not empty; pass --force to overwrite it")
 

@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from hnet_core import io
+from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, expected_shapes
@@ -163,7 +164,7 @@ def read_safetensors_dir(directory: str) -> dict[str, mx.array]:
 def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
                  ) -> tuple[dict[str, mx.array], HNetConfig]:
     """(weights in MLX layout, config) from one of our model directories, shapes checked."""
-    path = os.fspath(path)
+    path = resolve_model_path(path)  # a training run directory -> its final model or newest checkpoint
     if looks_like_repo_id(path):  # an already converted MLX model on the Hugging Face Hub
         path = fetch_hf_repo(path)
     if not os.path.exists(path):

@@ -17,6 +17,7 @@ import zipfile
 import torch
 
 from hnet_core import io
+from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, config_for_weights
@@ -68,7 +69,7 @@ def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
 def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
                  ) -> tuple[dict[str, torch.Tensor], HNetConfig]:
     """(state dict, config) from an official .pt (+ optional config) or one of our model directories."""
-    path = os.fspath(path)
+    path = resolve_model_path(path)  # a training run directory -> its final model or newest checkpoint
     if not os.path.exists(path):
         raise HNetError(f"model not found: {path} (give a model directory or a .pt checkpoint)")
     if os.path.isdir(path) and not io.is_model_dir(path):

@@ -83,6 +83,27 @@ def official_onnx_export(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory):
+    """export(config name, **export_model options) -> (torch model, export directory): the random model
+    of `random_torch_model(config, seed=3)`, exported once per session for each set of options, so
+    test modules that need the same export share it (an export takes most of a minute)."""
+    from hnet_export.exporter import export_model
+
+    cache: dict = {}
+
+    def get(name: str, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            model = random_torch_model(SMALL_CONFIGS[name](), seed=3)
+            out = str(tmp_path_factory.mktemp("onnx") / name)
+            export_model(model, out, **options)
+            cache[key] = (model, out)
+        return cache[key]
+
+    return get
+
+
 @pytest.fixture(params=sorted(SMALL_CONFIGS))
 def small_config(request) -> HNetConfig:
     return SMALL_CONFIGS[request.param]()

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import hnet_torch
-from conftest import SMALL_CONFIGS, random_torch_model
 from hnet_core.sampling import SamplingParams
 from hnet_export import OnnxHNet, stream_generate
-from hnet_export.exporter import WEIGHTS_FILE, export_model
+from hnet_export.exporter import WEIGHTS_FILE
 
 MAX_SEQLEN = 128
 # Each export takes most of a minute on 2 cores, so the default run has one per config; the
@@ -28,11 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["2stage", "3stage", pytest.param("2stage_cond", marks=pytest.mark.slow)])
-def exported(request, tmp_path_factory):
+def exported(request, onnx_export):
     name = request.param
-    model = random_torch_model(SMALL_CONFIGS[name.split("_")[0]](), seed=3)
-    out = str(tmp_path_factory.mktemp("onnx") / name)
-    export_model(model, out, max_seqlen=MAX_SEQLEN, **OPTIONS[name])
+    model, out = onnx_export(name.split("_")[0], max_seqlen=MAX_SEQLEN, **OPTIONS[name])  # shared with test_onnx_extend
     return name, model, out
 
 

@@ -53,7 +53,7 @@ def expected():
 
 def test_export_writes_graphs_config_and_documented_io(export_dir):
     files = set(os.listdir(export_dir))
-    assert {"prefill.onnx", "step.onnx", "step_cond.onnx", "config.json", "export.json", "io.json"} <= files
+    assert {"prefill.onnx", "extend.onnx", "step.onnx", "step_cond.onnx", "config.json", "export.json", "io.json"} <= files
     assert "weights.onnx.data" not in files  # a small model stays self-contained
     meta = json.load(open(os.path.join(export_dir, "export.json")))
     assert meta["opset"] == 20 and meta["dtype"] == "float32" and meta["max_seqlen"] == MAX_SEQLEN
@@ -61,12 +61,12 @@ def test_export_writes_graphs_config_and_documented_io(export_dir):
     assert json.load(open(os.path.join(export_dir, "config.json"))) == json.load(open(os.path.join(FIXTURE_DIR, "config.json")))
     table = json.load(open(os.path.join(export_dir, "io.json")))
     types = {1: "float32", 7: "int64", 9: "bool"}
-    for graph in ("prefill", "step", "step_cond"):
+    for graph in ("prefill", "extend", "step", "step_cond"):
         path = os.path.join(export_dir, graph + ".onnx")
         onnx.checker.check_model(path, full_check=True)
         model = onnx.load(path)
         assert model.opset_import[0].version == 20
-        kind = "step" if graph.startswith("step") else "prefill"
+        kind = "step" if graph.startswith("step") else graph
         for values, specs in ((model.graph.input, table[kind]["inputs"]), (model.graph.output, table[kind]["outputs"])):
             assert [v.name for v in values] == [s["name"] for s in specs]
             for v, spec in zip(values, specs):
@@ -78,6 +78,9 @@ def test_export_writes_graphs_config_and_documented_io(export_dir):
     assert step_inputs["input_ids"] == ["batch", 1]
     assert step_inputs["past.level1.main.0.k"][1] == 6  # window 5 -> ring buffer of 6 slots
     assert step_inputs["past.level0.length"] == ["batch"]
+    extend_inputs = [s["name"] for s in table["extend"]["inputs"]]
+    assert extend_inputs == ["input_ids", "mask"] + [s["name"] for s in table["step"]["inputs"][1:]]
+    assert [s["name"] for s in table["extend"]["outputs"]] == [s["name"] for s in table["step"]["outputs"]]
 
 
 def test_export_gives_normal_umask_respecting_permissions(export_dir):
@@ -95,6 +98,21 @@ def test_prefill_matches_the_official_fixture(export_dir, expected, case):
     assert np.abs(r.boundary_prob - expected[f"{case}.stage0.boundary_prob"])[mask].max() <= 1e-5
     assert np.array_equal(r.boundary_mask, expected[f"{case}.stage0.boundary_mask"])
     assert np.array_equal(r.valid, mask)
+
+
+@pytest.mark.parametrize("case", ["single_L37", "single_L100", "masked_batch"])
+def test_pieces_reproduce_the_official_fixture(export_dir, expected, case):
+    """The fixture's texts fed in seeded random pieces (1 to 9 bytes) give the official logits."""
+    model = load(export_dir)
+    ids, mask = expected[f"{case}.input_ids"], expected[f"{case}.mask"]
+    sizes = np.random.default_rng(len(case)).integers(1, 10, ids.shape[1])
+    points = np.minimum(np.concatenate([[0], np.cumsum(sizes)]), ids.shape[1])
+    points = sorted(set(points.tolist()))
+    outs = [model.extend(ids[:, a:b], mask[:, a:b]) for a, b in zip(points[:-1], points[1:])]
+    logits = np.concatenate([o.logits for o in outs], axis=1)
+    assert np.abs(logits - expected[f"{case}.logits"])[mask].max() <= 1e-4
+    boundary = np.concatenate([o.routing[0].boundary_mask for o in outs], axis=1)
+    assert np.array_equal(boundary, expected[f"{case}.stage0.boundary_mask"])
 
 
 @pytest.mark.parametrize("variant", ["where", "cond"])
@@ -223,7 +241,7 @@ def test_runtime_mistakes_are_one_line_errors(export_dir, tmp_path):
         OnnxHNet(str(tmp_path / "missing"))
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("export.json", "io.json", "config.json", "prefill.onnx", "step.onnx"):
+    for name in ("export.json", "io.json", "config.json", "prefill.onnx", "extend.onnx", "step.onnx"):
         (broken / name).write_bytes(open(os.path.join(export_dir, name), "rb").read())
     with pytest.raises(HNetError, match="step_cond.onnx not found"):
         OnnxHNet(str(broken))
