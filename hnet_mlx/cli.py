@@ -3,6 +3,7 @@
     hnet-mlx generate --model DIR --prompt "Hello"
     hnet-mlx chunks --model DIR --text "..." [--html page.html]
     hnet-mlx train / finetune / fuse / eval
+    hnet-mlx add-mlx-lm DIR             (make an older model directory an mlx-lm one)
 """
 
 from __future__ import annotations
@@ -151,6 +152,18 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
     if html_path:
         atomic_write_text(html_path, render_html(seg, ratios, title=f"H-Net chunks ({os.path.basename(model_path or 'model')})"))
         click.echo(f"wrote {html_path}", err=True)
+
+
+@main.command("add-mlx-lm")
+@click.argument("directory", type=click.Path(file_okay=False))
+def add_mlx_lm(directory):
+    """Add what mlx-lm needs (tokenizer.json, tokenizer_config.json, config keys, model_file) to an
+    existing model DIRECTORY, so `mlx_lm.generate --model DIRECTORY --trust-remote-code` runs it."""
+    from hnet_core import mlx_lm_files
+
+    written = mlx_lm_files.add_to_directory(directory)
+    click.echo(f"{directory}: wrote {', '.join(written)}; try "
+               f"mlx_lm.generate --model {directory} --trust-remote-code --prompt \"Hello\"")
 
 
 if __name__ == "__main__":
