@@ -31,6 +31,7 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Keys written into config.json for mlx-lm; HNetConfig.from_dict drops them again.
 CONFIG_KEYS = ("model_type", "model_file", "bos_token_id", "eos_token_id")
+EXTRA_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE)
 
 MODEL_MODULE = '''"""mlx-lm entry point for this H-Net model directory (written by hnet-mlx; no model code here).
 
@@ -133,4 +134,4 @@ def add_to_directory(directory: str) -> list[str]:
         raise HNetError(f"{directory} is not a model directory (expected {CONFIG_NAME} and model.safetensors)")
     config = HNetConfig.from_json(os.path.join(directory, CONFIG_NAME))  # validates before touching anything
     write_model_files(directory, config.to_dict())
-    return [CONFIG_NAME, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE]
+    return [CONFIG_NAME, *EXTRA_FILES]
