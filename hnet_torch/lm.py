@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
+from hnet_core.prompt_cache import check_config
 
 from .cache import InferenceCache, isotropic_states, reserve
 from .hnet import HNet
@@ -109,9 +110,7 @@ class HNetForCausalLM(nn.Module):
         return self.__dict__["_config_dict"]
 
     def _check_cache(self, cache: InferenceCache, batch_size: int) -> None:
-        if cache.config is not None and cache.config is not self.config_dict and cache.config != self.config_dict:
-            raise HNetError("this cache belongs to a model with another config; use it with that model, "
-                            "or build a new cache with this one")
+        check_config(cache.config, self.config_dict)
         if cache.batch_size != batch_size:
             raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {batch_size}")
 
