@@ -156,3 +156,30 @@ def check_config(cache_config: dict | None, model_config: dict, where: str = "th
     if diff is not None:
         raise HNetError(f"{where} belongs to a model with another config ({diff}); use it with the model it "
                         "was made with, or make a new one for this model")
+
+
+# -- prompt files for the CLI (`cache-prompt`, `generate --prompt-cache-file`) -------------------
+
+CONTEXT_BYTES = 1024  # bytes of the cached text kept for the repetition penalty's history (its window is 64)
+
+
+def split_prompt(prompt: str | bytes) -> tuple[list[int], dict]:
+    """What `cache-prompt` reads into the cache: BOS + prompt except its last byte; and the metadata
+    to continue it. A cache holds state, not the logits of the last byte it read, so that byte is
+    held back (`pending`) and read again in front of the continuation; `context` keeps the tail of
+    the cached text for the repetition penalty."""
+    from .tokenizer import encode
+
+    ids = encode(prompt)
+    return ids[:-1], {"pending": ids[-1:], "context": ids[:-1][-CONTEXT_BYTES:], "cached_bytes": len(ids) - 1}
+
+
+def continuation(metadata: dict, more: str | bytes) -> tuple[bytes, list[int]]:
+    """(bytes to feed the loaded cache, history for the sampler) for continuing a cache-prompt file
+    with `more`: generating from them equals generating from the cached text followed by `more`."""
+    pending = metadata.get("pending")
+    if not isinstance(pending, list) or not all(isinstance(b, int) and 0 <= b < 256 for b in pending):
+        raise HNetError("this prompt cache was not written by `cache-prompt` (no pending byte in its metadata); "
+                        "write it with `cache-prompt --prompt-file`")
+    data = more.encode("utf-8") if isinstance(more, str) else bytes(more)
+    return bytes(pending) + data, list(metadata.get("context", []))

@@ -24,7 +24,7 @@ from hnet_core.sampling import SamplingParams
 from hnet_core.streaming import (DEFAULT_PREFILL_STEP, GenerationStats, GenerationStep, collect_texts, decode_loop,
                                   prefill_in_pieces, prompt_batch)
 
-from .cache import InferenceCache
+from .cache import InferenceCache, state_arrays
 from .lm import HNetForCausalLM
 
 
@@ -53,6 +53,8 @@ def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str 
     def piece(ids_np, mask_np, last):
         out = model(mx.array(ids_np.astype(np.int32)), mask=mx.array(mask_np), cache=cache)
         rows = mx.take_along_axis(out.logits, mx.array(last.astype(np.int32))[:, None, None], axis=1)[:, 0]  # (B, V)
+        # Evaluate the cache now: left lazy, each piece's graph (and activations) would stay alive.
+        mx.eval(rows, cache.lengths, state_arrays(cache.backbone))
         return np.array(rows.astype(mx.float32)), _routing_counts(out.routing)
 
     def prefill(ids_np, mask_np):

@@ -17,7 +17,10 @@ import os
 import numpy as np
 import torch
 
-from hnet_core.prompt_cache import check_config, flatten_cache, read_prompt_cache, unflatten_cache, write_prompt_cache
+from hnet_core.errors import HNetError
+from hnet_core.prompt_cache import (check_config, flatten_cache, read_prompt_cache, split_prompt, unflatten_cache,
+                                     write_prompt_cache)
+from hnet_core.streaming import DEFAULT_PREFILL_STEP
 
 from . import cache as cache_classes
 from .cache import InferenceCache
@@ -62,3 +65,18 @@ def load_prompt_cache(path: str | os.PathLike, model: HNetForCausalLM | None = N
     cache = unflatten_cache(header["tree"], arrays, CLASSES, from_numpy)
     cache.config = model.config_dict if model is not None else header["config"]
     return (cache, header["metadata"]) if return_metadata else cache
+
+
+@torch.inference_mode()
+def cache_prompt(model: HNetForCausalLM, prompt: str | bytes, prefill_step_size: int = DEFAULT_PREFILL_STEP
+                 ) -> tuple[InferenceCache, dict]:
+    """A new cache that has read `prompt` (BOS first, its last byte held back: see
+    hnet_core.prompt_cache.split_prompt) in pieces of prefill_step_size bytes, and its metadata."""
+    if prefill_step_size <= 0:
+        raise HNetError(f"prefill_step_size must be a positive number of bytes, got {prefill_step_size}")
+    ids, metadata = split_prompt(prompt)
+    cache = model.allocate_inference_cache(batch_size=1)
+    device = model.embeddings.weight.device
+    for start in range(0, len(ids), prefill_step_size):
+        model(torch.tensor([ids[start : start + prefill_step_size]], device=device), cache=cache)
+    return cache, metadata
