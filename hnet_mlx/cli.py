@@ -1,6 +1,8 @@
 """The `hnet-mlx` command (MLX-specific: hnet_torch has no twin; its commands live in `hnet`).
 
     hnet-mlx generate --model DIR --prompt "Hello"
+    hnet-mlx cache-prompt --model DIR --prompt-file DOC.txt --out doc.safetensors
+    hnet-mlx generate --model DIR --prompt-cache-file doc.safetensors --prompt " and then"
     hnet-mlx chunks --model DIR --text "..." [--html page.html]
     hnet-mlx train / finetune / fuse / eval
     hnet-mlx add-mlx-lm DIR             (make an older model directory an mlx-lm one)
@@ -14,7 +16,7 @@ import sys
 import click
 
 from hnet_core.backends import DEMO_MODEL
-from hnet_core.cli import HNetGroup, read_prompts, run_generation, sampling_options
+from hnet_core.cli import HNetGroup, cache_prompt_file, prefill_options, read_prompts, run_generation, sampling_options
 from hnet_core.errors import HNetError
 
 LAZY_COMMANDS = {
@@ -79,6 +81,7 @@ def main() -> None:
 @click.option("--show-chunks", is_flag=True,
               help="After generating, print prompt + output coloured by the first stage's chunks.")
 @sampling_options
+@prefill_options
 def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     """Generate text from a prompt, streaming UTF-8 as it is produced."""
     prompts = read_prompts(prompts)
@@ -103,6 +106,19 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
         data = (prompt + text).encode("utf-8")
         seg = segment(data, stage_masks(loaded.model, data))
         console.print(render_terminal(seg, 0))
+
+
+@main.command("cache-prompt")
+@click.option("--model", "model_path", default=None,
+              help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
+@click.option("--prompt-file", required=True, type=click.Path(dir_okay=False), help="The text to read once.")
+@click.option("--out", "out_path", required=True, help="Prompt cache file to write (.safetensors).")
+@click.option("--prefill-step-size", default=None, type=int, help="Bytes per piece (default 2048).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored).")
+def cache_prompt(model_path, prompt_file, out_path, prefill_step_size, dtype):
+    """Read a long text once and save the model's state, for `generate --prompt-cache-file`."""
+    cache_prompt_file(load_mlx(model_path, dtype), prompt_file, out_path, prefill_step_size)
 
 
 @main.command()
