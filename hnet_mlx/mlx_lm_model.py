@@ -28,7 +28,6 @@ What mlx-lm asks of a model, and how H-Net answers:
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +38,6 @@ from hnet_core.config import HNetConfig
 from . import loading
 from .cache import InferenceCache, state_arrays, with_arrays
 from .lm import HNetForCausalLM
-
-# Used only when the live cache cannot grow (see HNetPromptCache.feed): first allocation's headroom.
-FALLBACK_HEADROOM = 4096
-
 
 @dataclass
 class ModelArgs:
@@ -56,19 +51,12 @@ class ModelArgs:
         return cls(config=HNetConfig.from_dict(params), model_type=params.get("model_type", "hnet"))
 
 
-def _can_grow(model: HNetForCausalLM) -> bool:
-    """Whether this hnet_mlx extends live caches itself (allocate_inference_cache without max_seqlen)."""
-    parameter = inspect.signature(model.allocate_inference_cache).parameters.get("max_seqlen")
-    return parameter is not None and parameter.default is not inspect.Parameter.empty
-
-
 class HNetPromptCache:
     """The one cache object `Model.make_cache` returns (mlx-lm keeps a list of them per model)."""
 
     def __init__(self) -> None:
         self.cache: InferenceCache | None = None
         self.offset = 0  # bytes consumed (per sample; mlx-lm runs batch 1 on this path)
-        self.history: list[mx.array] = []  # fallback only: the inputs so far, to rebuild a bigger cache
 
     # -- what mlx-lm reads ------------------------------------------------------------------
 
@@ -105,7 +93,6 @@ class HNetPromptCache:
         # tree around them is rebuilt (the split decode step assigns into it in place).
         new = HNetPromptCache()
         new.offset = self.offset
-        new.history = list(self.history)
         if self.cache is not None:
             new.cache = copy.copy(self.cache)
             new.cache.backbone = with_arrays(self.cache.backbone, state_arrays(self.cache.backbone))
@@ -115,30 +102,15 @@ class HNetPromptCache:
     # -- feeding ----------------------------------------------------------------------------
 
     def feed(self, model: HNetForCausalLM, inputs: mx.array) -> mx.array:
-        """Consume inputs (B, L); logits (B, L, 256)."""
+        """Consume inputs (B, L) on this cache, continuing where it ended; logits (B, L, 256).
+        The cache grows as bytes come; one byte on a live cache takes the compiled decode step."""
         B, L = inputs.shape
-        if _can_grow(model):
-            if self.cache is None:
-                self.cache = model.allocate_inference_cache(batch_size=B)
-            logits = (model.step(inputs, self.cache) if L == 1 and self.offset > 0
-                      else HNetForCausalLM.__call__(model, inputs, cache=self.cache)).logits
-            self.offset += L
-            return logits
-        return self._feed_fixed(model, inputs)
-
-    def _feed_fixed(self, model: HNetForCausalLM, inputs: mx.array) -> mx.array:
-        """For an hnet_mlx whose caches neither grow nor extend: prefill once, then step byte by
-        byte (exact: stepping equals a longer prefill), and re-prefill into a cache twice the size
-        when the current one is full."""
-        B, L = inputs.shape
-        self.history.append(inputs)
-        if self.cache is None or self.offset + L > self.cache.max_seqlen:
-            everything = mx.concatenate(self.history, axis=1) if len(self.history) > 1 else inputs
-            size = max(2 * (self.cache.max_seqlen if self.cache else 0), everything.shape[1] + FALLBACK_HEADROOM)
-            self.cache = model.allocate_inference_cache(batch_size=B, max_seqlen=size)
-            logits = HNetForCausalLM.__call__(model, everything, cache=self.cache).logits[:, -L:]
+        if self.cache is None:
+            self.cache = model.allocate_inference_cache(batch_size=B)
+        if L == 1 and self.cache.prefilled:
+            logits = model.step(inputs, self.cache).logits
         else:
-            logits = mx.concatenate([model.step(inputs[:, i : i + 1], self.cache).logits for i in range(L)], axis=1)
+            logits = HNetForCausalLM.__call__(model, inputs, cache=self.cache).logits
         self.offset += L
         return logits
 
