@@ -4,7 +4,11 @@ Mirrors hnet_torch file by file. Load a converted model with `model, config = hn
 (convert official checkpoints first with `hnet convert torch-to-mlx`).
 """
 
-from hnet_core.config import HNetConfig
+from . import blas
+
+blas.preload()  # before anything imports mlx: an optimized BLAS for MLX's CPU matmuls on Linux (see blas.py)
+
+from hnet_core.config import HNetConfig  # noqa: E402
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
 

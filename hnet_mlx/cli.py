@@ -93,6 +93,10 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     if not prompts:
         raise HNetError("give a prompt with --prompt TEXT (or --prompt - for stdin, or --batch FILE)")
     loaded = load_mlx(model_path, dtype)
+    if kw.get("verbose"):
+        from . import blas
+
+        click.echo(blas.describe(), err=True)  # which BLAS runs MLX's CPU matmuls (Linux: see hnet_mlx/blas.py)
     if not show_chunks:
         run_generation(loaded, prompts, **kw)
         return
