@@ -88,7 +88,8 @@ np.save({out!r}, out)
 """
 
 
-@pytest.mark.parametrize("saver,loader", [("torch", "torch"), ("mlx", "mlx"), ("torch", "mlx"), ("mlx", "torch")])
+@pytest.mark.parametrize("saver,loader", [("torch", "mlx"), ("mlx", "torch"), pytest.param("torch", "torch", marks=pytest.mark.slow),
+                                          pytest.param("mlx", "mlx", marks=pytest.mark.slow)])
 def test_saved_cache_continues_in_a_fresh_process_like_the_live_one(models, tmp_path, saver, loader):
     tm, mm = models
     path = str(tmp_path / "prompt.safetensors")
