@@ -26,10 +26,10 @@ import time
 # a shared 2-core CPU can prefill 100k bytes with in minutes.
 SHAPES = {
     "bench_2stage_small": {
-        "arch_layout": ["m4", ["T1m4", ["T6"], "m4T1"], "m4"], "d_model": [256, 384, 512],
-        "d_intermediate": [0, 1024, 1376], "vocab_size": 256,
-        "ssm_cfg": {"chunk_size": 256, "d_conv": 4, "d_state": 64, "expand": 2},
-        "attn_cfg": {"num_heads": [4, 6, 8], "rotary_emb_dim": [32, 32, 32], "window_size": [1023, 1023, -1]},
+        "arch_layout": ["m4", ["T1m4", ["T4"], "m4T1"], "m4"], "d_model": [128, 192, 256],
+        "d_intermediate": [0, 512, 768], "vocab_size": 256,
+        "ssm_cfg": {"chunk_size": 256, "d_conv": 4, "d_state": 32, "expand": 2},
+        "attn_cfg": {"num_heads": [4, 4, 4], "rotary_emb_dim": [32, 32, 32], "window_size": [1023, 1023, -1]},
         "tie_embeddings": False,
     },
 }
@@ -163,8 +163,11 @@ def main() -> None:
                 mode = "one pass" if piece == 0 else f"pieces of {args.piece}"
                 cmd = [sys.executable, __file__, "--child", "--backend", backend, "--n", str(n), "--piece", str(piece),
                        "--shape", args.shape, "--max-rss-gb", str(args.max_rss_gb)]
+                env = dict(os.environ)
+                if backend == "torch":  # the preloaded BLAS is for MLX's CPU build; torch brings its own
+                    env.pop("LD_PRELOAD", None)
                 try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                     row = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["died"])[-1][:80]}
                 except subprocess.TimeoutExpired:
