@@ -310,3 +310,22 @@ def test_official_fixture_fed_in_pieces_reproduces_the_recorded_outputs(backend,
     for k in range(len(fed)):
         step = run.step(np.array([[int(fed[k])]]), cache)
         assert np.abs(step[0] - expected["gen.step_logits"][k]).max() <= ATOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_steps_that_grow_a_global_attention_cache_equal_one_pass(backend, one_torch_thread):
+    """Global attention at the byte level: 20 steps after 250 bytes cross the first KV_STEP (256)
+    allocation, so the cache grows inside `step` (MLX: the compiled step is retraced)."""
+    config = SMALL_CONFIGS["1stage"]().to_dict()
+    config["attn_cfg"]["window_size"] = [-1, -1]
+    from hnet_core.config import HNetConfig
+
+    torch_model = random_torch_model(HNetConfig.from_dict(config))
+    run = TorchRunner(torch_model) if backend == "torch" else (pytest.importorskip("mlx.core") and MlxRunner(torch_model))
+    text = encode((TEXT + " ") * 2)[:270]
+    _, ref_logits, _ = one_pass(run, text)
+    cache = run.cache(1)
+    run.forward(*padded([text[:200]]), cache)
+    run.forward(*padded([text[200:250]]), cache)
+    got = np.stack([run.step(np.array([[b]]), cache)[0] for b in text[250:]])
+    assert np.abs(got - ref_logits[250:]).max() <= ATOL
