@@ -88,8 +88,8 @@ np.save({out!r}, out)
 """
 
 
-@pytest.mark.parametrize("saver,loader", [("torch", "mlx"), ("mlx", "torch"), pytest.param("torch", "torch", marks=pytest.mark.slow),
-                                          pytest.param("mlx", "mlx", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("saver,loader", [("torch", "mlx"), *[pytest.param(*pair, marks=pytest.mark.slow) for pair in
+                                                             [("mlx", "torch"), ("torch", "torch"), ("mlx", "mlx")]]])
 def test_saved_cache_continues_in_a_fresh_process_like_the_live_one(models, tmp_path, saver, loader):
     tm, mm = models
     path = str(tmp_path / "prompt.safetensors")
@@ -171,24 +171,25 @@ def prompt_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("writer", ["mlx", "torch"])
-def test_cli_generate_from_a_prompt_cache_equals_generating_from_the_whole_text(prompt_file, tmp_path, writer,
+def test_cli_generate_from_a_prompt_cache_equals_generating_from_the_whole_text(prompt_file, tmp_path,
                                                                                 one_torch_thread):
+    """Files written by `hnet-mlx cache-prompt` and `hnet cache-prompt --backend torch`, continued by either
+    backend, give the greedy bytes of the whole text; so does reading the whole text in pieces."""
     from hnet_core.cli import main as hnet_main
     from hnet_mlx.cli import main as mlx_main
 
-    cache_path = str(tmp_path / "doc.safetensors")
-    if writer == "mlx":
-        r = cli(mlx_main, "cache-prompt", "--prompt-file", prompt_file, "--out", cache_path, "--prefill-step-size", "64")
-    else:
-        r = cli(hnet_main, "cache-prompt", "--backend", "torch", "--prompt-file", prompt_file, "--out", cache_path)
+    by_mlx, by_torch = str(tmp_path / "mlx.safetensors"), str(tmp_path / "torch.safetensors")
+    r = cli(mlx_main, "cache-prompt", "--prompt-file", prompt_file, "--out", by_mlx, "--prefill-step-size", "64")
+    assert r.exit_code == 0, r.output
+    r = cli(hnet_main, "cache-prompt", "--backend", "torch", "--prompt-file", prompt_file, "--out", by_torch)
     assert r.exit_code == 0, r.output
     whole = open(prompt_file, encoding="utf-8").read() + "However little"
     greedy = ["--temp", "0", "-m", "24"]
     expected = cli(mlx_main, "generate", "--prompt", whole, *greedy)
     assert expected.exit_code == 0, expected.output
-    for main, extra in [(mlx_main, []), (hnet_main, ["--backend", "torch"])]:
-        r = cli(main, "generate", *extra, "--prompt-cache-file", cache_path, "--prompt", "However little", *greedy)
+    for main, extra, path in [(mlx_main, [], by_mlx), (hnet_main, ["--backend", "torch"], by_torch),
+                              (hnet_main, ["--backend", "torch"], by_mlx)]:
+        r = cli(main, "generate", *extra, "--prompt-cache-file", path, "--prompt", "However little", *greedy)
         assert r.exit_code == 0, r.output
         assert r.stdout == expected.stdout
     pieces = cli(hnet_main, "generate", "--backend", "torch", "--prompt", whole, "--prefill-step-size", "50", *greedy)
