@@ -329,3 +329,15 @@ def test_steps_that_grow_a_global_attention_cache_equal_one_pass(backend, one_to
     run.forward(*padded([text[200:250]]), cache)
     got = np.stack([run.step(np.array([[b]]), cache)[0] for b in text[250:]])
     assert np.abs(got - ref_logits[250:]).max() <= ATOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_generate_reads_ragged_prompts_in_pieces_like_one_pass(backend, one_torch_thread):
+    """prefill_step_size cuts a batch of prompts of different lengths into pieces (a short prompt's
+    last byte lands in an early piece): the greedy bytes are those of a single-piece prefill."""
+    run = runner(backend, "2stage")
+    generate = __import__("hnet_torch" if backend == "torch" else "hnet_mlx").generate
+    prompts = [TEXT[:9], TEXT[:47], TEXT[:23]]
+    whole = generate(run.model, prompts, max_tokens=12, temperature=0)
+    for step in (1, 4, 16):
+        assert generate(run.model, prompts, max_tokens=12, temperature=0, prefill_step_size=step) == whole
