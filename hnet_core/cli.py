@@ -23,7 +23,7 @@ from .errors import HNetError
 
 # name -> (module, attribute, pip extra that provides it)
 LAZY_COMMANDS = {
-    "convert": ("hnet_mlx.convert", "convert", "mlx,torch"),
+    "convert": ("hnet_mlx.convert", "convert", "mlx"),  # reads .pt without torch (hnet_core/torch_zip.py)
     "export": ("hnet_export.cli", "export", "onnx,torch"),
     "train": ("hnet_torch.train", "train_command", "torch"),
     "eval": ("hnet_core.evaluate", "eval_command", "torch"),
