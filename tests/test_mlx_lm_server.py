@@ -8,6 +8,7 @@ stopped at the end (it also exits by itself after SERVER_LIFETIME seconds)."""
 
 from __future__ import annotations
 
+import ctypes.util
 import http.client
 import json
 import os
@@ -43,7 +44,10 @@ def server():
     # `timeout` bounds the server's life whatever happens to this process.
     cmd = ["timeout", str(SERVER_LIFETIME), sys.executable, "-m", "mlx_lm", "server", "--model", DEMO_MODEL,
            "--trust-remote-code", "--host", HOST, "--port", str(port), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ)
+    if sys.platform.startswith("linux") and ctypes.util.find_library("openblas"):
+        env["LD_PRELOAD"] = "libopenblas.so.0"  # as the README tells Linux users (mlx-lm imports mlx first)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
