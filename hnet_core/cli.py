@@ -1,6 +1,8 @@
 """The `hnet` command: generate with any backend, and the tools around the models.
 
     hnet generate --backend torch --model MODEL --prompt "Hello"
+    hnet cache-prompt --model MODEL --prompt-file DOC.txt --out doc.safetensors
+    hnet generate --model MODEL --prompt-cache-file doc.safetensors --prompt " and then"
     hnet convert torch-to-mlx SRC DST          hnet convert mlx-to-torch SRC DST
     hnet export onnx --model MODEL --out DIR
     hnet train / eval / plot / data prepare
@@ -22,7 +24,7 @@ from .errors import HNetError
 
 # name -> (module, attribute, pip extra that provides it)
 LAZY_COMMANDS = {
-    "convert": ("hnet_mlx.convert", "convert", "mlx,torch"),
+    "convert": ("hnet_mlx.convert", "convert", "mlx"),  # reads .pt without torch (hnet_core/torch_zip.py)
     "export": ("hnet_export.cli", "export", "onnx,torch"),
     "train": ("hnet_torch.train", "train_command", "torch"),
     "eval": ("hnet_core.evaluate", "eval_command", "torch"),
@@ -108,10 +110,48 @@ def sampling_options(f):
     return f
 
 
+def prefill_options(f):
+    """`--prefill-step-size` and `--prompt-cache-file`, shared by `hnet generate` and `hnet-mlx generate`."""
+    f = click.option("--prompt-cache-file", default=None, type=click.Path(dir_okay=False),
+                     help="Continue the text cached by `cache-prompt` (torch, mlx): --prompt is what follows it.")(f)
+    return click.option("--prefill-step-size", default=None, type=int,
+                        help="Read the prompt in pieces of this many bytes, extending one cache, so memory "
+                             "stays flat for long prompts (torch, mlx; default 2048).")(f)
+
+
+BACKEND_PACKAGES = {"torch": "hnet_torch", "mlx": "hnet_mlx"}
+
+
+def prompt_cache_api(loaded, what: str):
+    """The backend package offering prompt caches (torch, mlx), imported lazily."""
+    if loaded.backend not in BACKEND_PACKAGES:
+        raise HNetError(f"{what} works with the torch and mlx backends, not {loaded.backend}")
+    return importlib.import_module(BACKEND_PACKAGES[loaded.backend])
+
+
+def cache_prompt_file(loaded, prompt_file: str, out_path: str, prefill_step_size: int | None) -> None:
+    """Read a prompt file into a new cache and save it (the `cache-prompt` commands)."""
+    from .streaming import DEFAULT_PREFILL_STEP
+
+    api = prompt_cache_api(loaded, "cache-prompt")
+    try:
+        with open(prompt_file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise HNetError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
+    cache, metadata = api.cache_prompt(loaded.model, data, prefill_step_size or DEFAULT_PREFILL_STEP)
+    metadata["source"] = prompt_file
+    api.save_prompt_cache(out_path, cache, metadata)
+    click.echo(f"wrote {out_path}: BOS + {len(data)} bytes of {prompt_file} (the last byte is read again with "
+               "the continuation)", err=True)
+
+
 def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: float, top_p: float, top_k: int,
                    min_p: float, repetition_penalty: float, seed: int | None, stop: Sequence[str], verbose: bool,
-                   out=None, on_step=None) -> list[str]:
-    """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats."""
+                   out=None, on_step=None, prefill_step_size: int | None = None,
+                   prompt_cache_file: str | None = None) -> list[str]:
+    """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats.
+    With a prompt cache file, the one prompt continues the cached text."""
     from .sampling import SamplingParams
 
     out = out or sys.stdout
@@ -119,8 +159,26 @@ def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: f
         raise HNetError(f"--max-tokens must be >= 0, got {max_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
+    extra: dict = {}
+    if prefill_step_size is not None:
+        if prefill_step_size <= 0:
+            raise HNetError(f"--prefill-step-size must be a positive number of bytes, got {prefill_step_size}")
+        extra["prefill_step_size"] = prefill_step_size
+    feed = prompts
+    if prompt_cache_file is not None:
+        from .prompt_cache import continuation
+
+        api = prompt_cache_api(loaded, "--prompt-cache-file")
+        if len(prompts) != 1:
+            raise HNetError("--prompt-cache-file continues one text: give exactly one --prompt")
+        cache, metadata = api.load_prompt_cache(prompt_cache_file, loaded.model, return_metadata=True)
+        data, context = continuation(metadata, prompts[0])
+        feed = [data]
+        extra.update(prompt_cache=cache, context=[context])
+    elif extra and loaded.backend not in BACKEND_PACKAGES:
+        raise HNetError(f"--prefill-step-size works with the torch and mlx backends, not {loaded.backend}")
     texts = [""] * len(prompts)
-    gen = loaded.stream_generate(loaded.model, prompts, max_tokens=max_tokens, sampling=params, stop=stop)
+    gen = loaded.stream_generate(loaded.model, feed, max_tokens=max_tokens, sampling=params, stop=stop, **extra)
     stats = None
     while True:
         try:
@@ -189,6 +247,7 @@ def main() -> None:
               help="Weights dtype (torch, mlx). Default: float32 in torch, as stored in mlx (the demo model: float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")
 @sampling_options
+@prefill_options
 def generate(backend, model_path, config, prompts, dtype, device, **kw):
     """Generate text from a prompt, streaming UTF-8 as it is produced."""
     from .backends import DEMO_MODEL, load_model
@@ -200,6 +259,26 @@ def generate(backend, model_path, config, prompts, dtype, device, **kw):
         model_path = DEMO_MODEL
     loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device)
     run_generation(loaded, prompts, **kw)
+
+
+@main.command("cache-prompt")
+@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
+              help="Which implementation reads the prompt (the file loads in either).")
+@click.option("--model", "model_path", default=None, help="Model directory, or an official .pt checkpoint (torch). "
+                                                          "Default: the bundled demo model.")
+@click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
+@click.option("--prompt-file", required=True, type=click.Path(dir_okay=False), help="The text to read once.")
+@click.option("--out", "out_path", required=True, help="Prompt cache file to write (.safetensors).")
+@click.option("--prefill-step-size", default=None, type=int, help="Bytes per piece (default 2048).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Weights dtype (default float32).")
+@click.option("--device", default=None, help="torch device (cpu, cuda, mps).")
+def cache_prompt(backend, model_path, config, prompt_file, out_path, prefill_step_size, dtype, device):
+    """Read a long text once and save the model's state, for `generate --prompt-cache-file`."""
+    from .backends import DEMO_MODEL, load_model
+
+    loaded = load_model(backend, model_path or DEMO_MODEL, config=config, dtype=dtype, device=device)
+    cache_prompt_file(loaded, prompt_file, out_path, prefill_step_size)
 
 
 if __name__ == "__main__":

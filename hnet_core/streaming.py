@@ -5,7 +5,8 @@ UTF-8 character (bytes of an unfinished character wait), never raises on invalid
 print as U+FFFD), and holds back bytes that might be the start of a stop string until it is
 clear they are not. `decode_loop` is the generation loop all three backends (hnet_torch, hnet_mlx,
 hnet_export) run, so they sample, stream and stop identically: each backend supplies only its
-prefill and step.
+prefill and step. `prefill_in_pieces` is how torch and MLX read long prompts: pieces of
+`prefill_step_size` bytes extend one live cache, so memory stays flat in the prompt length.
 """
 
 from __future__ import annotations
@@ -103,15 +104,22 @@ class GenerationStats:
             self.stage_boundaries[s] += b
 
 
-def prompt_batch(prompts: str | bytes | Sequence[str | bytes], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate the prompts; BOS + bytes per prompt, right-padded with 0: ids (B, L) int64, mask (B, L) bool."""
+DEFAULT_PREFILL_STEP = 2048  # bytes per prefill piece (mlx-lm's prefill_step_size is 2048 tokens)
+
+
+def prompt_batch(prompts: str | bytes | Sequence[str | bytes], max_tokens: int, add_bos: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the prompts; BOS + bytes per prompt (no BOS when continuing a cache), right-padded
+    with 0: ids (B, L) int64, mask (B, L) bool."""
     if isinstance(prompts, (str, bytes)):
         prompts = [prompts]
     if not prompts:
         raise HNetError("give at least one prompt")
     if max_tokens < 0:
         raise HNetError(f"max_tokens must be >= 0, got {max_tokens}")
-    seqs = [encode(p) for p in prompts]
+    seqs = [encode(p, add_bos=add_bos) for p in prompts]
+    if any(len(s) == 0 for s in seqs):
+        raise HNetError("a continuation of a prompt cache needs at least one byte")
     ids = np.zeros((len(seqs), max(len(s) for s in seqs)), dtype=np.int64)
     mask = np.zeros(ids.shape, dtype=bool)
     for i, s in enumerate(seqs):
@@ -125,15 +133,38 @@ def prompt_batch(prompts: str | bytes | Sequence[str | bytes], max_tokens: int) 
 Logits = Tuple[np.ndarray, Tuple[List[int], List[int]]]
 
 
+def prefill_in_pieces(ids: np.ndarray, mask: np.ndarray, step_size: int,
+                      run: Callable[[np.ndarray, np.ndarray, np.ndarray], Logits]) -> Logits:
+    """Feed right-padded prompts (B, L) to `run` in pieces of `step_size` columns, each extending the
+    same live cache. run(ids_piece, mask_piece, last) returns the logits at index `last` (B,) of the
+    piece and the routing counts; each sample keeps the row of the piece holding its last byte."""
+    if step_size <= 0:
+        raise HNetError(f"prefill_step_size must be a positive number of bytes, got {step_size}")
+    lengths = mask.sum(-1)
+    last_logits, valid, bounds = None, None, None
+    for start in range(0, ids.shape[1], step_size):
+        ids_p, mask_p = ids[:, start : start + step_size], mask[:, start : start + step_size]
+        at = np.clip(lengths - 1 - start, 0, ids_p.shape[1] - 1)
+        rows, (v, b) = run(ids_p, mask_p, at)
+        here = (lengths - 1 >= start) & (lengths - 1 < start + ids_p.shape[1])
+        last_logits = rows if last_logits is None else np.where(here[:, None], rows, last_logits)
+        valid = list(v) if valid is None else [x + y for x, y in zip(valid, v)]
+        bounds = list(b) if bounds is None else [x + y for x, y in zip(bounds, b)]
+    return last_logits, (valid, bounds)
+
+
 def decode_loop(ids: np.ndarray, mask: np.ndarray, max_tokens: int, sampling: SamplingParams | None,
                 stop: Sequence[str], prefill: Callable[[np.ndarray, np.ndarray], Logits],
-                step: Callable[[np.ndarray], Logits]) -> Generator[GenerationStep, None, GenerationStats]:
-    """The generation loop every backend shares: sample, stream UTF-8 safely, stop, time, count chunks."""
+                step: Callable[[np.ndarray], Logits], context: Sequence[Sequence[int]] | None = None
+                ) -> Generator[GenerationStep, None, GenerationStats]:
+    """The generation loop every backend shares: sample, stream UTF-8 safely, stop, time, count chunks.
+    `context` holds the bytes each sample's cache already read before `ids` (a prompt cache), so the
+    repetition penalty sees what it would have seen had the whole text been the prompt."""
     B = ids.shape[0]
     sampler = Sampler(sampling)
     stats = GenerationStats(prompt_bytes=int(mask.sum()))
     streams = [TextStream(stop) for _ in range(B)]
-    history = [ids[b, : int(mask[b].sum())].tolist() for b in range(B)]
+    history = [list(context[b] if context is not None else []) + ids[b, : int(mask[b].sum())].tolist() for b in range(B)]
     if max_tokens == 0:
         return stats
     t0 = time.perf_counter()

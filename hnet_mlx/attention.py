@@ -59,13 +59,14 @@ class CausalMHA(nn.Module):
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def cache_slots(self, max_seqlen: int) -> tuple[int, bool]:
-        """(slots, ring): a ring of window+1 slots when that is smaller than max_seqlen."""
-        if self.window_size >= 0 and self.window_size + 1 <= max_seqlen:
+    def cache_slots(self, max_seqlen: int | None) -> tuple[int, bool]:
+        """(slots, ring): a ring of window+1 slots for a sliding window (unless max_seqlen is
+        smaller); else max_seqlen slots, or none yet for a growing cache (see cache.reserve)."""
+        if self.window_size >= 0 and (max_seqlen is None or self.window_size + 1 <= max_seqlen):
             return self.window_size + 1, True
-        return max_seqlen, False
+        return max_seqlen or 0, False
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> AttentionState:
+    def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> AttentionState:
         slots, ring = self.cache_slots(max_seqlen)
         shape = (batch_size, self.num_heads, slots, self.head_dim)
         dtype = dtype or self.out_proj_dtype()
@@ -93,12 +94,16 @@ class CausalMHA(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None = None, seq_idx: mx.array | None = None,
                  positions: mx.array | None = None, cu_seqlens=None, max_seqlen=None,
-                 state: AttentionState | None = None) -> mx.array:
+                 state: AttentionState | None = None, past: mx.array | None = None) -> mx.array:
+        """past (b,): positions already in `state` (a live cache being extended); None for a fresh one."""
         b, l, _ = x.shape
-        q, k, v = self._qkv(x, positions)
-        if state is not None:
-            self._fill_cache(state, k, v, mask)
-        ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, mode=self.use_kernels)  # (b, h, l, d)
+        q, k, v = self._qkv(x, positions, offset=0 if past is None else past)
+        if state is not None and past is not None:
+            ctx = self._extend_cache(state, q, k, v, mask, past)
+        else:
+            if state is not None:
+                self._fill_cache(state, k, v, mask)
+            ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, mode=self.use_kernels)  # (b, h, l, d)
         return self.out_proj(ctx.transpose(0, 2, 1, 3).reshape(b, l, self.d_model))
 
     def _fill_cache(self, state: AttentionState, k: mx.array, v: mx.array, mask: mx.array | None) -> None:
@@ -118,6 +123,45 @@ class CausalMHA(nn.Module):
         idx = mx.maximum(t, 0)[:, None, :, None]  # (b, 1, slots, 1)
         state.k = mx.where(valid, mx.take_along_axis(k, idx, axis=2), state.k).astype(state.k.dtype)
         state.v = mx.where(valid, mx.take_along_axis(v, idx, axis=2), state.v).astype(state.v.dtype)
+
+    def _extend_cache(self, state: AttentionState, q: mx.array, k: mx.array, v: mx.array,
+                      mask: mx.array | None, past: mx.array) -> mx.array:
+        """Attend l new queries per sample to its cached keys and the new ones, then store the new keys.
+
+        q/k/v (b, h, l, d) at positions past + i; the cache holds positions < past (a ring: the
+        last `slots` of them). Keys are laid out as [cache (S) | new (l)] with one (b, l, S + l)
+        visibility mask, so the result equals attending over the whole sequence at once."""
+        b, l = k.shape[0], k.shape[2]
+        slots = state.k.shape[2]
+        past = past.astype(mx.int32)
+        lengths = mask.sum(-1).astype(mx.int32) if mask is not None else mx.full((b,), l, dtype=mx.int32)
+        j = mx.arange(slots)
+        if state.ring:
+            # Entry m of the unrolled ring is position past - slots + m, stored in slot (that % slots).
+            old_pos = past[:, None] - slots + j  # (b, S)
+            idx = (old_pos % slots)[:, None, :, None]
+            k_old, v_old = mx.take_along_axis(state.k, idx, axis=2), mx.take_along_axis(state.v, idx, axis=2)
+        else:
+            old_pos = mx.broadcast_to(j[None], (b, slots))
+            k_old, v_old = state.k, state.v
+        i = mx.arange(l)
+        q_pos = past[:, None] + i  # (b, l)
+        see_old = (old_pos >= 0) & (old_pos < past[:, None])  # (b, S)
+        new_mask = mx.broadcast_to(kernels.window_mask(i, i, self.window_size)[None], (b, l, l))
+        visible = mx.concatenate([kernels.window_mask(q_pos, old_pos, self.window_size) & see_old[:, None], new_mask],
+                                 axis=-1)  # (b, l, S + l)
+        ctx = kernels.attention_cached(q, mx.concatenate([k_old, k.astype(k_old.dtype)], axis=2),
+                                       mx.concatenate([v_old, v.astype(v_old.dtype)], axis=2), visible,
+                                       mode=self.use_kernels)
+        # Store: slot j now holds position t, the latest < past + length with t = j (mod slots) for a
+        # ring, t = j otherwise; it comes from the new keys where t >= past.
+        end = (past + lengths)[:, None]
+        t = j + slots * mx.floor_divide(end - 1 - j, slots) if state.ring else mx.broadcast_to(j[None], (b, slots))
+        take = ((t >= past[:, None]) & (t < end))[:, None, :, None]  # (b, 1, S, 1)
+        idx = mx.clip(t - past[:, None], 0, max(l - 1, 0))[:, None, :, None]
+        state.k = mx.where(take, mx.take_along_axis(k, idx, axis=2).astype(state.k.dtype), state.k)
+        state.v = mx.where(take, mx.take_along_axis(v, idx, axis=2).astype(state.v.dtype), state.v)
+        return ctx.astype(q.dtype)
 
     def step(self, x: mx.array, state: AttentionState, positions: mx.array,
              active: mx.array | None = None) -> mx.array:

@@ -1,9 +1,12 @@
 """Inference state, as dataclasses that mirror the module tree (official `HNetState`).
 
-`HNetForCausalLM.allocate_inference_cache(batch_size, max_seqlen)` builds one `HNetState` per
-level; reading these classes shows the whole cache. Every counter is per sample, so a batch of
-prompts of different lengths decodes together and each sample's inner levels advance only on
-that sample's boundaries.
+`HNetForCausalLM.allocate_inference_cache(batch_size)` builds one `HNetState` per level; reading
+these classes shows the whole cache. Every counter is per sample, so a batch of prompts of
+different lengths decodes together and each sample's inner levels advance only on that sample's
+boundaries. A live cache can be extended by any number of bytes (`model(ids, mask=mask,
+cache=cache)` continues each sample where it ended) and grows as it goes: global attention layers
+add KV_STEP slots at a time (as mlx-lm's KVCache does), sliding-window layers keep a ring of
+window + 1 slots. `prompt_cache.py` saves and loads these trees.
 
 MLX arrays are immutable: layers *replace* the arrays in these dataclasses instead of writing
 into them. `state_arrays` / `with_arrays` flatten a state tree to a list of arrays and rebuild
@@ -32,7 +35,8 @@ class AttentionState:
     k: mx.array  # (B, heads, S, head_dim), rotary already applied (MLX's SDPA layout)
     v: mx.array  # (B, heads, S, head_dim)
     # Sliding-window layers keep a ring buffer of S = window + 1 slots (position t lives in slot
-    # t % S); global layers keep S = max_seqlen slots.
+    # t % S); global layers keep position t in slot t, with S >= the positions seen (grown by
+    # `reserve`, or max_seqlen slots when the cache was allocated with one).
     ring: bool
 
 
@@ -43,6 +47,9 @@ LayerState = Union[MambaState, AttentionState]
 class IsotropicState:
     layers: list[LayerState]
     lengths: mx.array  # (B,) int32: tokens this stack has consumed, per sample (= next position)
+    # A bound on lengths.max() kept as a Python int (exact after a one-sample prefill), so the
+    # caches can grow before a step without reading the device.
+    max_length: int = 0
 
 
 @dataclass
@@ -70,13 +77,37 @@ class InferenceCache:
     """What `allocate_inference_cache` returns: the level tree plus bookkeeping for the LM."""
 
     backbone: HNetState
-    max_seqlen: int
+    max_seqlen: int | None  # None: grows without limit; else a limit on bytes per sample
     batch_size: int
     prefilled: bool = False
     lengths: mx.array | None = None  # (B,) bytes consumed per sample
     # Longest sample so far, kept as a Python int so `step` can check max_seqlen without a device sync.
     max_length: int = 0
+    config: dict | None = None  # the model config this cache belongs to (HNetConfig.to_dict())
     extra: dict = field(default_factory=dict)
+
+
+KV_STEP = 256  # global attention caches grow by this many slots at a time (mlx-lm's KVCache.step)
+
+
+def reserve(state: IsotropicState, needed: int) -> None:
+    """Grow every global attention cache of a stack to hold `needed` positions per sample."""
+    for layer in state.layers:
+        if isinstance(layer, AttentionState) and not layer.ring and layer.k.shape[2] < needed:
+            extra = -(-needed // KV_STEP) * KV_STEP - layer.k.shape[2]
+            b, h, _, d = layer.k.shape
+            pad = mx.zeros((b, h, extra, d), dtype=layer.k.dtype)
+            layer.k = mx.concatenate([layer.k, pad], axis=2)
+            layer.v = mx.concatenate([layer.v, pad], axis=2)
+
+
+def isotropic_states(state: "HNetState | IsotropicState | None") -> list[IsotropicState]:
+    """Every Isotropic stack's state in a level tree (encoders, main networks, decoders)."""
+    if state is None:
+        return []
+    if isinstance(state, IsotropicState):
+        return [state]
+    return [*isotropic_states(state.encoder), *isotropic_states(state.main), *isotropic_states(state.decoder)]
 
 
 # -- flattening, for the compiled decode step ------------------------------------------------

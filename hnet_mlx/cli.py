@@ -1,8 +1,11 @@
 """The `hnet-mlx` command (MLX-specific: hnet_torch has no twin; its commands live in `hnet`).
 
     hnet-mlx generate --model DIR --prompt "Hello"
+    hnet-mlx cache-prompt --model DIR --prompt-file DOC.txt --out doc.safetensors
+    hnet-mlx generate --model DIR --prompt-cache-file doc.safetensors --prompt " and then"
     hnet-mlx chunks --model DIR --text "..." [--html page.html]
     hnet-mlx train / finetune / fuse / eval
+    hnet-mlx add-mlx-lm DIR             (make an older model directory an mlx-lm one)
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 import click
 
 from hnet_core.backends import DEMO_MODEL
-from hnet_core.cli import HNetGroup, read_prompts, run_generation, sampling_options
+from hnet_core.cli import HNetGroup, cache_prompt_file, prefill_options, read_prompts, run_generation, sampling_options
 from hnet_core.errors import HNetError
 
 LAZY_COMMANDS = {
@@ -80,6 +83,7 @@ def main() -> None:
 @click.option("--show-chunks", is_flag=True,
               help="After generating, print prompt + output coloured by the first stage's chunks.")
 @sampling_options
+@prefill_options
 def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     """Generate text from a prompt, streaming UTF-8 as it is produced."""
     prompts = read_prompts(prompts)
@@ -91,6 +95,10 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
     if not prompts:
         raise HNetError("give a prompt with --prompt TEXT (or --prompt - for stdin, or --batch FILE)")
     loaded = load_mlx(model_path, dtype)
+    if kw.get("verbose"):
+        from . import blas
+
+        click.echo(blas.describe(), err=True)  # which BLAS runs MLX's CPU matmuls (Linux: see hnet_mlx/blas.py)
     if not show_chunks:
         run_generation(loaded, prompts, **kw)
         return
@@ -104,6 +112,19 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
         data = prompt + text.encode("utf-8")
         seg = segment(data, stage_masks(loaded.model, data))
         console.print(render_terminal(seg, 0))
+
+
+@main.command("cache-prompt")
+@click.option("--model", "model_path", default=None,
+              help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
+@click.option("--prompt-file", required=True, type=click.Path(dir_okay=False), help="The text to read once.")
+@click.option("--out", "out_path", required=True, help="Prompt cache file to write (.safetensors).")
+@click.option("--prefill-step-size", default=None, type=int, help="Bytes per piece (default 2048).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Cast the weights (default: as stored).")
+def cache_prompt(model_path, prompt_file, out_path, prefill_step_size, dtype):
+    """Read a long text once and save the model's state, for `generate --prompt-cache-file`."""
+    cache_prompt_file(load_mlx(model_path, dtype), prompt_file, out_path, prefill_step_size)
 
 
 @main.command()
@@ -157,6 +178,18 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
     if html_path:
         atomic_write_text(html_path, render_html(seg, ratios, title=f"H-Net chunks ({os.path.basename(model_path or 'model')})"))
         click.echo(f"wrote {html_path}", err=True)
+
+
+@main.command("add-mlx-lm")
+@click.argument("directory", type=click.Path(file_okay=False))
+def add_mlx_lm(directory):
+    """Add what mlx-lm needs (tokenizer.json, tokenizer_config.json, config keys, model_file) to an
+    existing model DIRECTORY, so `mlx_lm.generate --model DIRECTORY --trust-remote-code` runs it."""
+    from hnet_core import mlx_lm_files
+
+    written = mlx_lm_files.add_to_directory(directory)
+    click.echo(f"{directory}: wrote {', '.join(written)}; try "
+               f"mlx_lm.generate --model {directory} --trust-remote-code --prompt \"Hello\"")
 
 
 if __name__ == "__main__":

@@ -52,21 +52,18 @@ class ConversionSummary:
 # -- reading the source -------------------------------------------------------------------------
 
 
-def _torch_to_mx(tensor) -> mx.array:
-    """A torch tensor as an mx.array with the same dtype and bits (bf16 goes through fp32: exact)."""
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return mx.array(tensor.float().numpy()).astype(mx.bfloat16)
-    return mx.array(tensor.numpy())
-
-
 def _read_pt(path: str) -> dict[str, mx.array]:
-    try:
-        from hnet_torch.loading import read_torch_checkpoint
-    except ImportError:
-        raise HNetError(f"reading {path} needs PyTorch (pip install torch), or convert a safetensors directory") from None
-    return {k: _torch_to_mx(v.detach().cpu().contiguous()) for k, v in read_torch_checkpoint(path).items()}
+    """An official .pt state dict, read without torch by hnet_core.torch_zip (which refuses anything
+    but tensors); bf16 comes back as fp32 and is cast back exactly."""
+    from hnet_core.torch_zip import read_state_dict
+
+    if not os.path.exists(path):
+        raise HNetError(f"checkpoint not found: {path}")
+    out = {}
+    for name, tensor in read_state_dict(path).items():
+        array = mx.array(tensor.array)
+        out[name] = array.astype(mx.bfloat16) if tensor.dtype == "bfloat16" else array
+    return out
 
 
 def _checkpoint_in(directory: str) -> str:

@@ -8,7 +8,9 @@ P is the boundary probability of the chunk's first byte, clamped to [1e-4, 1 - 1
 official code, so the forced first chunk gives 0.9999 ẑ_0. The EMA always runs in fp32 (the
 official forward rounds it to bf16 by default while its step does not; see the fixture README).
 In step mode a non-boundary byte holds the last value exactly (P = 0). The scan + spread goes
-through kernels.ema_dechunk (the Metal kernel's dispatch point).
+through kernels.ema_dechunk (the Metal kernel's dispatch point). Extending a live cache, the EMA
+starts from the cached z̄ (bytes before the piece's first boundary keep it); the scan is linear in
+its start value, so that is the zero-start scan plus prod_{i<=j}(1 - P_i) z̄_cached.
 """
 
 from __future__ import annotations
@@ -45,17 +47,25 @@ class DeChunkLayer(nn.Module):
                  state: DeChunkState | None = None) -> mx.array:
         """inner (B, M, D) chunk outputs; boundary_mask/prob (B, L) -> (B, L, D) in inner's dtype."""
         p = mx.clip(boundary_prob.astype(mx.float32), P_MIN, P_MAX)
-        if inner_cu_seqlens is not None:
-            p_chunks = mx.take(p, boundary_positions(boundary_mask[0]), axis=1)  # (1, M)
-            seq_idx = packed_seq_idx(inner_cu_seqlens, p_chunks.shape[1])
+        B, L = boundary_mask.shape
+        chunk_of = mx.cumsum(boundary_mask.astype(mx.int32), axis=1) - 1  # (B, L); -1 before the first boundary
+        if inner.shape[1] == 0:  # no new chunk in any sample: every byte keeps the cached value
+            out = mx.broadcast_to(state.last_value[:, None], (B, L, state.last_value.shape[-1]))
         else:
-            order = boundary_order(boundary_mask)[:, : inner.shape[1]]
-            p_chunks = mx.take_along_axis(p, order, axis=1)  # (B, M)
-            seq_idx = None
-        chunk_of = mx.maximum(mx.cumsum(boundary_mask.astype(mx.int32), axis=1) - 1, 0)  # (B, L)
-        out = kernels.ema_dechunk(inner, p_chunks, chunk_of, seq_idx, mode=self.use_kernels)  # (B, L, D) fp32
+            if inner_cu_seqlens is not None:
+                p_chunks = mx.take(p, boundary_positions(boundary_mask[0]), axis=1)  # (1, M)
+                seq_idx = packed_seq_idx(inner_cu_seqlens, p_chunks.shape[1])
+            else:
+                order = boundary_order(boundary_mask)[:, : inner.shape[1]]
+                p_chunks = mx.take_along_axis(p, order, axis=1)  # (B, M)
+                seq_idx = None
+            index = mx.maximum(chunk_of, 0)
+            out = kernels.ema_dechunk(inner, p_chunks, index, seq_idx, mode=self.use_kernels)  # (B, L, D) fp32
+            if state is not None:
+                decay = mx.exp(mx.cumsum(mx.log1p(-p_chunks), axis=1))  # (B, M)
+                carried = mx.take_along_axis(decay, index, axis=1)[..., None] * state.last_value[:, None]
+                out = mx.where((chunk_of < 0)[..., None], state.last_value[:, None], out + carried)
         if state is not None:
-            B, L = out.shape[:2]
             lengths = mask.sum(-1) if mask is not None else mx.full((B,), L)
             last = mx.take_along_axis(out, mx.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
             state.last_value = mx.where((lengths > 0)[:, None], last, state.last_value)

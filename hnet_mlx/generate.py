@@ -7,6 +7,10 @@
 `stream_generate` yields a `GenerationStep` per byte (printable text per sample, UTF-8 safe) and
 returns `GenerationStats` (throughput, peak memory, per-stage chunk lengths) when it ends. The
 sampler is hnet_core's (numpy), so torch and MLX draw the same bytes from the same logits and seed.
+Prompts are read in pieces of `prefill_step_size` bytes extending one growing cache, so a long
+prompt costs no more memory than its cache. With `prompt_cache` (a live cache, e.g. from
+`load_prompt_cache`) the prompts continue the text it holds: no BOS is added, and the cache is
+extended in place.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ import mlx.core as mx
 import numpy as np
 
 from hnet_core.sampling import SamplingParams
-from hnet_core.streaming import GenerationStats, GenerationStep, collect_texts, decode_loop, prompt_batch
+from hnet_core.streaming import (DEFAULT_PREFILL_STEP, GenerationStats, GenerationStep, collect_texts, decode_loop,
+                                  prefill_in_pieces, prompt_batch)
 
+from .cache import InferenceCache, state_arrays
 from .lm import HNetForCausalLM
-
-CACHE_ROUNDING = 128
 
 
 def _routing_counts(routing) -> tuple[list[int], list[int]]:
@@ -38,36 +42,45 @@ def _peak_memory() -> int | None:
 
 
 def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
-                    sampling: SamplingParams | None = None, stop: Sequence[str] = ()
+                    sampling: SamplingParams | None = None, stop: Sequence[str] = (),
+                    prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None,
+                    context: Sequence[Sequence[int]] | None = None
                     ) -> Generator[GenerationStep, None, GenerationStats]:
-    ids, mask = prompt_batch(prompts, max_tokens)
-    cache = None
+    """`context`: the bytes `prompt_cache` already holds per sample (for the repetition penalty)."""
+    ids, mask = prompt_batch(prompts, max_tokens, add_bos=prompt_cache is None)
+    cache = prompt_cache
+
+    def piece(ids_np, mask_np, last):
+        out = model(mx.array(ids_np.astype(np.int32)), mask=mx.array(mask_np), cache=cache)
+        rows = mx.take_along_axis(out.logits, mx.array(last.astype(np.int32))[:, None, None], axis=1)[:, 0]  # (B, V)
+        # Evaluate the cache now: left lazy, each piece's graph (and activations) would stay alive.
+        mx.eval(rows, cache.lengths, state_arrays(cache.backbone))
+        return np.array(rows.astype(mx.float32)), _routing_counts(out.routing)
 
     def prefill(ids_np, mask_np):
         nonlocal cache
-        ids_m, mask_m = mx.array(ids_np.astype(np.int32)), mx.array(mask_np)
-        # Cache lengths rounded up, so prompts of similar lengths share one compiled decode step.
-        max_seqlen = -(-(ids_np.shape[1] + max_tokens) // CACHE_ROUNDING) * CACHE_ROUNDING
-        cache = model.allocate_inference_cache(batch_size=ids_np.shape[0], max_seqlen=max_seqlen)
-        out = model(ids_m, mask=mask_m, cache=cache)
-        lengths = mask_m.sum(-1)
-        last = mx.take_along_axis(out.logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-        return np.array(last.astype(mx.float32)), _routing_counts(out.routing)
+        if cache is None:
+            cache = model.allocate_inference_cache(batch_size=ids_np.shape[0])
+        return prefill_in_pieces(ids_np, mask_np, prefill_step_size, piece)
 
     def step(next_bytes):
         out = model.step(mx.array(next_bytes.astype(np.int32)), cache)
         return np.array(out.logits[:, -1].astype(mx.float32)), _routing_counts(out.routing)
 
     mx.reset_peak_memory()
-    stats = yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step)
+    stats = yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step, context=context)
     stats.peak_memory_bytes = _peak_memory()
     return stats
 
 
 def generate(model: HNetForCausalLM, prompt: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> str | list[str]:
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+             prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None
+             ) -> str | list[str]:
     """The generated continuation (a string, or one per prompt for a list of prompts)."""
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
-    return collect_texts(stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop), prompt)
+    steps = stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop,
+                            prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
+    return collect_texts(steps, prompt)

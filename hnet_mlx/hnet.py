@@ -8,6 +8,10 @@ The decoder input is  dechunk(...) * STE(selected_probs) + residual_proj(encoder
 residual in fp32 (paper eq. 7-9). STE's forward is exactly 1, so selected_probs only matters in
 the backward pass, where it receives sum_d grad_d * out_d.
 
+With a state, `__call__` extends a live cache: every stack, the router and the dechunk EMA carry
+on from where each sample stopped, and the inner level is extended with exactly the chunks the
+new bytes opened (none at all when no sample has a boundary in the piece).
+
 `step` has no data-dependent Python branch, so the whole decode step compiles into one function:
 the inner level runs for every sample and only samples on a boundary keep its result
 (`active`, applied with mx.where in every state update).
@@ -74,7 +78,7 @@ class HNet(nn.Module):
         else:
             self.pad_dimension = None
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> HNetState:
+    def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> HNetState:
         if self.is_innermost:
             return HNetState(main=self.main_network.allocate_state(batch_size, max_seqlen, dtype))
         return HNetState(
@@ -111,8 +115,11 @@ class HNet(nn.Module):
         if cu_seqlens is not None:
             routing.cu_seqlens = cu_seqlens
         inner, inner_mask, inner_cu = self.chunk_layer(h, routing.boundary_mask, cu_seqlens)  # (B, M, D)
-        inner, inner_routing = self.main_network(inner, mask=inner_mask, cu_seqlens=inner_cu,
-                                                 state=None if state is None else state.main)
+        if inner.shape[1] == 0:  # extending a cache by bytes that open no chunk: the inner level waits
+            inner_routing = self._not_run(h.shape[0], length=0)
+        else:
+            inner, inner_routing = self.main_network(inner, mask=inner_mask, cu_seqlens=inner_cu,
+                                                     state=None if state is None else state.main)
         h = self.dechunk_layer(inner, routing.boundary_mask, routing.boundary_prob, mask=mask,
                                inner_cu_seqlens=inner_cu, state=None if state is None else state.dechunk)
         h = (h.astype(residual.dtype) * STE.apply(routing.selected_probs)[..., None] + residual).astype(h.dtype)
@@ -152,3 +159,14 @@ class HNet(nn.Module):
         h = (h.astype(residual.dtype) * STE.apply(routing.selected_probs)[:, None, None] + residual).astype(h.dtype)
         h = self.decoder.step(h, state.decoder, active)
         return h[..., :d_parent]
+
+    def _not_run(self, batch: int, length: int) -> list[RoutingOutput]:
+        """Routing outputs (batch, length) of inner stages that a piece of bytes did not reach
+        (length 0: a piece that opened no chunk)."""
+        out, node = [], self.main_network
+        while not node.is_innermost:
+            nan = mx.full((batch, length), float("nan"))
+            no = mx.zeros((batch, length), dtype=mx.bool_)
+            out.append(RoutingOutput(nan, no, nan, valid=no))
+            node = node.main_network
+        return out

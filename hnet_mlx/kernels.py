@@ -180,6 +180,12 @@ def attention(q, k, v, window: int, seq_idx=None, mode: str = "auto"):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible)
 
 
+def attention_cached(q, k, v, visible, mode: str = "auto"):
+    """Queries against cached + new keys: q (b,h,l,d), k/v (b,h,S,d), visible (b,l,S) bool."""
+    scale = q.shape[-1] ** -0.5
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=visible[:, None])
+
+
 def attention_step(q, k_cache, v_cache, visible, mode: str = "auto"):
     """One query per sample against its cache: q (b,h,1,d), caches (b,h,S,d), visible (b,S)."""
     scale = q.shape[-1] ** -0.5

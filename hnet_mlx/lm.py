@@ -3,11 +3,16 @@
     model = HNetForCausalLM(config)
     out = model(input_ids, mask=mask)                 # masked: (B, L) right-padded
     out = model(input_ids, cu_seqlens=cu)             # packed: (1, T) with (N+1,) offsets
-    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=N)
+    cache = model.allocate_inference_cache(batch_size=B)   # grows; max_seqlen=N sets a limit
     out = model(prompt_ids, mask=mask, cache=cache)   # prefill
+    out = model(more_ids, mask=mask2, cache=cache)    # extend: each sample continues where it ended
     out = model.step(next_ids, cache)                 # (B, 1) -> logits (B, 1, 256)
 
-`step` is one `mx.compile`d function per (batch size, max_seqlen): the byte embedding, every
+Extending a cache piece by piece gives the logits and boundaries of one pass over the whole text
+(tests/test_extend_cache.py); generate.py reads long prompts that way, in flat memory.
+
+`step` is one `mx.compile`d function per batch size (retraced when a growing cache changes
+shape): the byte embedding, every
 level's step and the LM head, with the cache passed in and out as a flat list of arrays (see
 cache.py). MLX pays a few µs per op per eval at batch-1 decode and ~0.2 µs inside a compiled
 function, so this is where compiling pays most (numbers in bench/mlx_compile.py).
@@ -25,8 +30,9 @@ from mlx.utils import tree_flatten
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
+from hnet_core.prompt_cache import check_config
 
-from .cache import HNetState, InferenceCache, skeleton, state_arrays, with_arrays
+from .cache import HNetState, InferenceCache, isotropic_states, reserve, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
 
@@ -116,11 +122,26 @@ class HNetForCausalLM(nn.Module):
         stack = level.main_network if level.is_innermost else level.encoder
         return stack.rmsnorm.weight.dtype
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> InferenceCache:
-        if batch_size <= 0 or max_seqlen <= 0:
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None) -> InferenceCache:
+        """An empty cache. Without max_seqlen it grows as bytes come; with it, attention caches are
+        allocated for max_seqlen positions at once and no sample may go beyond max_seqlen bytes."""
+        if batch_size <= 0 or (max_seqlen is not None and max_seqlen <= 0):
             raise HNetError(f"batch_size and max_seqlen must be positive, got {batch_size} and {max_seqlen}")
         return InferenceCache(self.backbone.allocate_state(batch_size, max_seqlen, dtype or self.dtype),
-                              max_seqlen, batch_size)
+                              max_seqlen, batch_size, lengths=mx.zeros((batch_size,), dtype=mx.int32),
+                              config=self.config_dict)
+
+    @property
+    def config_dict(self) -> dict:
+        """The config as a dict, computed once (caches carry it to refuse another model's cache)."""
+        if "_config_dict" not in self.__dict__:
+            object.__setattr__(self, "_config_dict", self.config.to_dict())
+        return self.__dict__["_config_dict"]
+
+    def _check_cache(self, cache: InferenceCache, batch_size: int) -> None:
+        check_config(cache.config, self.config_dict)
+        if cache.batch_size != batch_size:
+            raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {batch_size}")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -169,22 +190,19 @@ class HNetForCausalLM(nn.Module):
                 if L > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any().item()):
                     raise HNetError("mask must be right-padded: True on a prefix of each row, then False")
         if cache is not None:
-            if cache.prefilled:
-                raise HNetError("this cache was already prefilled; allocate a new one (continue with model.step)")
-            if cache.batch_size != B:
-                raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {B}")
-            lengths = np.array(mask.sum(-1))
-            if int(lengths.max()) > cache.max_seqlen:
-                raise HNetError(f"prompt of {int(lengths.max())} bytes exceeds the cache's max_seqlen {cache.max_seqlen}")
-            if int(lengths.min()) == 0:
-                raise HNetError("every prompt in the batch needs at least one byte")
+            self._check_cache(cache, B)
+            lengths = cache.lengths + mask.sum(-1).astype(mx.int32)
+            longest = int(lengths.max().item())
+            if cache.max_seqlen is not None and longest > cache.max_seqlen:
+                raise HNetError(f"{longest} bytes exceed the cache's max_seqlen {cache.max_seqlen}; "
+                                "allocate it with a larger max_seqlen, or none to let it grow")
         h = self.embeddings(input_ids)
         h, routing = self.backbone(h, mask=mask, cu_seqlens=cu_seqlens, state=None if cache is None else cache.backbone)
         logits = self._logits(h)
         if cache is not None:
             cache.prefilled = True
-            cache.lengths = mask.sum(-1).astype(mx.int32)
-            cache.max_length = int(lengths.max())
+            cache.lengths = lengths
+            cache.max_length = longest
         return CausalLMOutput(logits=logits, routing=routing, cache=cache)
 
     def step(self, input_ids, cache: InferenceCache) -> CausalLMOutput:
@@ -194,8 +212,14 @@ class HNetForCausalLM(nn.Module):
             raise HNetError("prefill the cache first: model(prompt_ids, mask=mask, cache=cache)")
         if tuple(input_ids.shape) != (cache.batch_size, 1):
             raise HNetError(f"step takes input_ids of shape ({cache.batch_size}, 1), got {tuple(input_ids.shape)}")
-        if cache.max_length >= cache.max_seqlen:
-            raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache")
+        self._check_cache(cache, cache.batch_size)
+        if cache.max_seqlen is not None and cache.max_length >= cache.max_seqlen:
+            raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache, "
+                            "or one without max_seqlen (it grows)")
+        # Growing happens here, outside the compiled step (a new cache shape retraces it).
+        for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
+            reserve(stack, stack.max_length + 1)
+            stack.max_length += 1
         if self.resolve_step_mode(cache) == "fused":
             fn = self._step_function(cache)
             logits, flat_routing, arrays = fn(input_ids, [cache.lengths, *state_arrays(cache.backbone)])
@@ -231,7 +255,7 @@ class HNetForCausalLM(nn.Module):
 
     def _step_function(self, cache: InferenceCache):
         """The (compiled) decode step for caches shaped like `cache`."""
-        key = (cache.batch_size, cache.max_seqlen, self.compile_step)
+        key = (cache.batch_size, self.compile_step)
         fn = self._step_fns.get(key)
         if fn is None:
             template = skeleton(cache.backbone)  # only its structure (ring flags) is read; shapes are per call
@@ -280,7 +304,7 @@ class HNetForCausalLM(nn.Module):
 
     def _split_step(self, input_ids: mx.array, cache: InferenceCache):
         """Run level by level; descend into an inner level only if some sample is on a boundary."""
-        shape = (cache.batch_size, cache.max_seqlen)
+        shape = (cache.batch_size,)
         node, state, active, level = self.backbone, cache.backbone, None, 0
         h = input_ids
         pending = []  # outer levels waiting for their inner result: (node, state, level, active, residual, routing)

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from hnet_core import io
+from hnet_core import io, mlx_lm_files
 from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
@@ -229,7 +229,8 @@ def ordered_weights(model: HNetForCausalLM) -> dict[str, mx.array]:
 
 def write_model_dir(tmp: str, weights: dict[str, mx.array], config: HNetConfig, fmt: str,
                     max_shard_bytes: int = io.DEFAULT_SHARD_BYTES, on_tensor=None) -> int:
-    """Write `weights` (+ config.json) into the directory `tmp`; returns the bytes written."""
+    """Write `weights` (+ config.json, and the tokenizer / model_file that make it an mlx-lm model
+    directory too) into the directory `tmp`; returns the bytes written by the weights."""
     sizes = {k: v.nbytes for k, v in weights.items()}
     shards = io.plan_shards(sizes, max_shard_bytes)
     names = io.shard_file_names(len(shards))
@@ -241,7 +242,7 @@ def write_model_dir(tmp: str, weights: dict[str, mx.array], config: HNetConfig, 
             on_tensor(len(shard))
     if len(shards) > 1:
         io.write_index(tmp, weight_map, sum(sizes.values()))
-    config.to_json(os.path.join(tmp, io.CONFIG_NAME))
+    mlx_lm_files.write_model_files(tmp, config.to_dict())  # config.json + what mlx-lm needs beside it
     return sum(os.path.getsize(os.path.join(tmp, n)) for n in names)
 
 

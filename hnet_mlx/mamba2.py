@@ -65,14 +65,19 @@ class Mamba2(nn.Module):
                  state: MambaState | None = None, **_) -> mx.array:
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))  # (b, l, ·)
-        if state is not None:
-            lengths = mask.sum(-1) if mask is not None else mx.full((b,), l)
-            # Conv state = the last d_conv conv inputs of each sample (zeros before its start).
-            idx = lengths[:, None] - self.d_conv + mx.arange(self.d_conv)  # (b, k)
-            taps = mx.take_along_axis(xBC, mx.maximum(idx, 0)[..., None], axis=1)  # (b, k, conv_dim)
-            state.conv = (taps * (idx >= 0)[..., None]).swapaxes(1, 2).astype(state.conv.dtype)
         weight = self.conv1d.weight[:, :, 0]  # (conv_dim, d_conv)
-        xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.use_kernels)
+        if state is not None:
+            # A live cache continues: the conv sees the last d_conv - 1 inputs before this piece
+            # (zeros for a fresh cache, which is exactly the causal zero padding), and the scan
+            # starts from the cached SSM state. Conv state = the last d_conv inputs of each sample.
+            lengths = mask.sum(-1) if mask is not None else mx.full((b,), l)
+            full = mx.concatenate([state.conv.swapaxes(1, 2).astype(xBC.dtype), xBC], axis=1)  # (b, d_conv + l, c)
+            idx = lengths[:, None] + mx.arange(self.d_conv)  # (b, k)
+            state.conv = mx.take_along_axis(full, idx[..., None], axis=1).swapaxes(1, 2).astype(state.conv.dtype)
+            xBC = kernels.causal_conv1d_silu(full[:, 1:], weight, self.conv1d.bias, mode=self.use_kernels)
+            xBC = xBC[:, self.d_conv - 1:]
+        else:
+            xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.use_kernels)
         x, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.d_state], axis=-1)
         dt = softplus(dt.astype(mx.float32) + self.dt_bias.astype(mx.float32))  # (b, l, h); dt_limit = (0, inf)
         if mask is not None:
@@ -82,7 +87,7 @@ class Mamba2(nn.Module):
         A = -mx.exp(self.A_log.astype(mx.float32))
         y, final_state = kernels.ssd_scan(
             x.reshape(b, l, self.nheads, self.headdim), dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
-            self.D, seq_idx=seq_idx, mode=self.use_kernels,
+            self.D, seq_idx=seq_idx, initial_state=None if state is None else state.ssm, mode=self.use_kernels,
         )
         if state is not None:
             state.ssm = final_state

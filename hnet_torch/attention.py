@@ -46,13 +46,14 @@ class CausalMHA(nn.Module):
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=False, device=device, dtype=dtype)
         self.out_proj = nn.Linear(d_model, d_model, bias=False, device=device, dtype=dtype)
 
-    def cache_slots(self, max_seqlen: int) -> tuple[int, bool]:
-        """(slots, ring): a ring of window+1 slots when that is smaller than max_seqlen."""
-        if self.window_size >= 0 and self.window_size + 1 <= max_seqlen:
+    def cache_slots(self, max_seqlen: int | None) -> tuple[int, bool]:
+        """(slots, ring): a ring of window+1 slots for a sliding window (unless max_seqlen is
+        smaller); else max_seqlen slots, or none yet for a growing cache (see cache.reserve)."""
+        if self.window_size >= 0 and (max_seqlen is None or self.window_size + 1 <= max_seqlen):
             return self.window_size + 1, True
-        return max_seqlen, False
+        return max_seqlen or 0, False
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> AttentionState:
+    def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> AttentionState:
         slots, ring = self.cache_slots(max_seqlen)
         w = self.out_proj.weight
         shape = (batch_size, slots, self.num_heads, self.head_dim)
@@ -72,15 +73,20 @@ class CausalMHA(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cu_seqlens=None, max_seqlen=None,
-                state: AttentionState | None = None) -> torch.Tensor:
+                state: AttentionState | None = None, past: torch.Tensor | None = None) -> torch.Tensor:
+        """past (b,): positions already in `state` (a live cache being extended); None for a fresh one."""
         b, l, _ = x.shape
         if positions is None:
-            positions = torch.arange(l, device=x.device).expand(b, l)
+            start = torch.zeros(b, dtype=torch.long, device=x.device) if past is None else past.long()
+            positions = start[:, None] + torch.arange(l, device=x.device)
         q, k, v = self._qkv(x, positions)
-        if state is not None:
-            self._fill_cache(state, k, v, mask)
-        ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
-                                max_seqlen=max_seqlen, mode=self.use_kernels)
+        if state is not None and past is not None:
+            ctx = self._extend_cache(state, q, k, v, mask, past.long())
+        else:
+            if state is not None:
+                self._fill_cache(state, k, v, mask)
+            ctx = kernels.attention(q, k, v, self.window_size, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                                    max_seqlen=max_seqlen, mode=self.use_kernels)
         return self.out_proj(ctx.reshape(b, l, self.d_model))
 
     def _fill_cache(self, state: AttentionState, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -100,6 +106,43 @@ class CausalMHA(nn.Module):
         idx = t.clamp(min=0)[..., None, None].expand(-1, -1, self.num_heads, self.head_dim)
         state.k.copy_(torch.where(valid, k.gather(1, idx), state.k))
         state.v.copy_(torch.where(valid, v.gather(1, idx), state.v))
+
+    def _extend_cache(self, state: AttentionState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None, past: torch.Tensor) -> torch.Tensor:
+        """Attend l new queries per sample to its cached keys and the new ones, then store the new keys.
+
+        q/k/v (b, l, h, d) at positions past + i; the cache holds positions < past (a ring: the
+        last `slots` of them). Keys are laid out as [cache (S) | new (l)] with one (b, l, S + l)
+        visibility mask, so the result equals attending over the whole sequence at once."""
+        b, l = k.shape[:2]
+        slots = state.k.shape[1]
+        lengths = mask.sum(-1) if mask is not None else torch.full((b,), l, device=k.device)
+        j = torch.arange(slots, device=k.device)
+        expand = (-1, -1, self.num_heads, self.head_dim)
+        if state.ring:
+            # Entry m of the unrolled ring is position past - slots + m, stored in slot (that % slots).
+            old_pos = past[:, None] - slots + j  # (b, S)
+            idx = (old_pos % slots)[..., None, None].expand(*expand)
+            k_old, v_old = state.k.gather(1, idx), state.v.gather(1, idx)
+        else:
+            old_pos = j[None].expand(b, -1)
+            k_old, v_old = state.k, state.v
+        i = torch.arange(l, device=k.device)
+        q_pos = past[:, None] + i  # (b, l)
+        see_old = (old_pos >= 0) & (old_pos < past[:, None])  # (b, S)
+        visible = torch.cat([kernels.window_mask(q_pos, old_pos, self.window_size) & see_old[:, None],
+                             kernels.window_mask(i, i, self.window_size).expand(b, -1, -1)], dim=-1)  # (b, l, S + l)
+        ctx = kernels.attention_cached(q, torch.cat([k_old, k.to(k_old.dtype)], 1), torch.cat([v_old, v.to(v_old.dtype)], 1),
+                                       visible, mode=self.use_kernels)
+        # Store: slot j now holds position t, the latest < past + length with t = j (mod slots) for a
+        # ring, t = j otherwise; it comes from the new keys where t >= past.
+        end = (past + lengths)[:, None]
+        t = j + slots * torch.div(end - 1 - j, slots, rounding_mode="floor") if state.ring else j[None].expand(b, -1)
+        take = (t >= past[:, None]) & (t < end)  # (b, S)
+        idx = (t - past[:, None]).clamp(0, max(l - 1, 0))[..., None, None].expand(*expand)
+        state.k.copy_(torch.where(take[..., None, None], k.gather(1, idx).to(state.k.dtype), state.k))
+        state.v.copy_(torch.where(take[..., None, None], v.gather(1, idx).to(state.v.dtype), state.v))
+        return ctx.to(q.dtype)
 
     def step(self, x: torch.Tensor, state: AttentionState, positions: torch.Tensor,
              active: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,7 +7,9 @@
 P is the boundary probability of the chunk's first byte, clamped to [1e-4, 1 - 1e-4] as in the
 official code, so the forced first chunk gives 0.9999 ẑ_0. The EMA always runs in fp32 (the
 official forward rounds it to bf16 by default while its step does not; see the fixture README).
-In step mode a non-boundary byte holds the last value exactly (P = 0).
+In step mode a non-boundary byte holds the last value exactly (P = 0). Extending a live cache,
+the EMA starts from the cached z̄ (bytes before the piece's first boundary keep it); the scan is
+linear in its start value, so that is the zero-start scan plus prod_{i<=j}(1 - P_i) z̄_cached.
 """
 
 from __future__ import annotations
@@ -43,19 +45,28 @@ class DeChunkLayer(nn.Module):
                 state: DeChunkState | None = None) -> torch.Tensor:
         """inner (B, M, D) chunk outputs; boundary_mask/prob (B, L) -> (B, L, D) in inner's dtype."""
         p = boundary_prob.float().clamp(P_MIN, P_MAX)
-        if inner_cu_seqlens is not None:
-            p_chunks = p[:, boundary_mask[0]]  # (1, M)
-            seq_idx = packed_seq_idx(inner_cu_seqlens, p_chunks.shape[1])
+        B, L = boundary_mask.shape
+        chunk_of = torch.cumsum(boundary_mask.long(), dim=1) - 1  # (B, L); -1 before the first boundary
+        if inner.shape[1] == 0:  # no new chunk in any sample: every byte keeps the cached value
+            out = state.last_value[:, None].expand(B, L, -1)
         else:
-            order = boundary_order(boundary_mask)[:, : inner.shape[1]]
-            p_chunks = p.gather(1, order)  # (B, M)
-            seq_idx = None
-        z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx)  # (B, M, D) fp32
-        chunk_of = (torch.cumsum(boundary_mask.long(), dim=1) - 1).clamp(min=0)  # (B, L)
-        out = z.gather(1, chunk_of[..., None].expand(-1, -1, z.shape[-1]))
+            if inner_cu_seqlens is not None:
+                p_chunks = p[:, boundary_mask[0]]  # (1, M)
+                seq_idx = packed_seq_idx(inner_cu_seqlens, p_chunks.shape[1])
+            else:
+                order = boundary_order(boundary_mask)[:, : inner.shape[1]]
+                p_chunks = p.gather(1, order)  # (B, M)
+                seq_idx = None
+            z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx)  # (B, M, D) fp32
+            if state is not None:
+                decay = torch.exp(torch.cumsum(torch.log1p(-p_chunks), dim=1))  # (B, M)
+                z = z + decay[..., None] * state.last_value[:, None]
+            out = z.gather(1, chunk_of.clamp(min=0)[..., None].expand(-1, -1, z.shape[-1]))
+            if state is not None:
+                out = torch.where((chunk_of < 0)[..., None], state.last_value[:, None], out)
         if state is not None:
-            lengths = mask.sum(-1) if mask is not None else torch.full((out.shape[0],), out.shape[1], device=out.device)
-            last = out[torch.arange(out.shape[0], device=out.device), (lengths - 1).clamp(min=0)]
+            lengths = mask.sum(-1) if mask is not None else torch.full((B,), L, device=out.device)
+            last = out[torch.arange(B, device=out.device), (lengths - 1).clamp(min=0)]
             state.last_value.copy_(torch.where((lengths > 0)[:, None], last, state.last_value))
         return out.to(inner.dtype)
 

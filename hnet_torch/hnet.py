@@ -7,6 +7,10 @@ appends its learned `pad_dimension` on entry and returns the first D_parent chan
 The decoder input is  dechunk(...) * STE(selected_probs) + residual_proj(encoder output)  with the
 residual in fp32 (paper eq. 7-9). STE's forward is exactly 1, so selected_probs only matters in
 the backward pass, where it receives sum_d grad_d * out_d.
+
+With a state, `forward` extends a live cache: every stack, the router and the dechunk EMA carry
+on from where each sample stopped, and the inner level is extended with exactly the chunks the
+new bytes opened (none at all when no sample has a boundary in the piece).
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ class HNet(nn.Module):
         else:
             self.pad_dimension = None
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> HNetState:
+    def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> HNetState:
         if self.is_innermost:
             return HNetState(main=self.main_network.allocate_state(batch_size, max_seqlen, dtype))
         return HNetState(
@@ -103,8 +107,11 @@ class HNet(nn.Module):
         if cu_seqlens is not None:
             routing.cu_seqlens = cu_seqlens
         inner, inner_mask, inner_cu = self.chunk_layer(h, routing.boundary_mask, cu_seqlens)  # (B, M, D)
-        inner, inner_routing = self.main_network(inner, mask=inner_mask, cu_seqlens=inner_cu,
-                                                 state=None if state is None else state.main)
+        if inner.shape[1] == 0:  # extending a cache by bytes that open no chunk: the inner level waits
+            inner_routing = self._not_run(h.shape[0], h.device, length=0)
+        else:
+            inner, inner_routing = self.main_network(inner, mask=inner_mask, cu_seqlens=inner_cu,
+                                                     state=None if state is None else state.main)
         h = self.dechunk_layer(inner, routing.boundary_mask, routing.boundary_prob, mask=mask,
                                inner_cu_seqlens=inner_cu, state=None if state is None else state.dechunk)
         h = (h.to(residual.dtype) * STE.apply(routing.selected_probs)[..., None] + residual).to(h.dtype)
@@ -133,12 +140,14 @@ class HNet(nn.Module):
         h = self.decoder.step(h, state.decoder, active)
         return h[..., :d_parent], [routing, *inner_routing]
 
-    def _not_run(self, batch: int, device) -> list[RoutingOutput]:
-        """Routing outputs of inner stages that no sample reached this step."""
+    def _not_run(self, batch: int, device, length: int | None = None) -> list[RoutingOutput]:
+        """Routing outputs of inner stages that no sample reached: (batch,) for a step, or
+        (batch, length) for a piece of bytes (length 0: a piece that opened no chunk)."""
         out, node = [], self.main_network
+        shape = (batch,) if length is None else (batch, length)
         while not node.is_innermost:
-            nan = torch.full((batch,), float("nan"), device=device)
-            no = torch.zeros(batch, dtype=torch.bool, device=device)
+            nan = torch.full(shape, float("nan"), device=device)
+            no = torch.zeros(shape, dtype=torch.bool, device=device)
             out.append(RoutingOutput(nan, no, nan, valid=no))
             node = node.main_network
         return out

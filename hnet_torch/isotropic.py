@@ -13,7 +13,7 @@ from hnet_core.config import HNetConfig
 
 from .attention import CausalMHA
 from .block import create_block
-from .cache import IsotropicState
+from .cache import IsotropicState, reserve
 from .norm import RMSNorm
 
 
@@ -29,7 +29,7 @@ class Isotropic(nn.Module):
         """Residual branches (mixers + MLPs), used by the official init to scale out_proj/fc2."""
         return sum(2 if c in "MT" else 1 for c in self.letters)
 
-    def allocate_state(self, batch_size: int, max_seqlen: int, dtype=None) -> IsotropicState:
+    def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> IsotropicState:
         layers = []
         for block in self.layers:
             m = block.mixer
@@ -41,12 +41,19 @@ class Isotropic(nn.Module):
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cu_seqlens=None, max_seqlen=None,
                 state: IsotropicState | None = None) -> torch.Tensor:
+        past = None
+        if state is not None:
+            # A live cache: attention continues at each sample's position (state.lengths); a fresh
+            # one (nothing consumed yet) takes the plain path. Global KV caches grow to fit.
+            past = state.lengths if state.max_length > 0 else None
+            reserve(state, state.max_length + h.shape[1])
         residual = None
         for i, block in enumerate(self.layers):
             h, residual = block(h, residual, mask=mask, seq_idx=seq_idx, positions=positions, cu_seqlens=cu_seqlens,
-                                max_seqlen=max_seqlen, state=None if state is None else state.layers[i])
+                                max_seqlen=max_seqlen, state=None if state is None else state.layers[i], past=past)
         if state is not None:
-            state.lengths.copy_(mask.sum(-1) if mask is not None else torch.full_like(state.lengths, h.shape[1]))
+            state.lengths.add_(mask.sum(-1) if mask is not None else h.shape[1])
+            state.max_length += h.shape[1]
         return self.rmsnorm(h, residual)
 
     def step(self, h: torch.Tensor, state: IsotropicState, active: torch.Tensor | None = None) -> torch.Tensor:

@@ -61,14 +61,14 @@ def use_fused(mode: str, tensor: torch.Tensor, module_getter) -> bool:
 # -- Mamba2 scan ---------------------------------------------------------------------------
 
 
-def ssd_scan(x, dt, A, B, C, chunk_size, D, seq_idx=None, mode="auto"):
-    """(b,l,h,p) x, softplus'ed dt (b,l,h) -> y (b,l,h,p) fp32, final state (b,h,p,n) fp32."""
+def ssd_scan(x, dt, A, B, C, chunk_size, D, seq_idx=None, initial_state=None, mode="auto"):
+    """(b,l,h,p) x, softplus'ed dt (b,l,h), initial state (b,h,p,n) | None -> y (b,l,h,p) fp32, final state (b,h,p,n) fp32."""
     if use_fused(mode, x, _mamba_ssd):
         y, final = _mamba_ssd().mamba_chunk_scan_combined(
-            x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, return_final_states=True
+            x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_states=initial_state, return_final_states=True
         )
         return y.float(), final.float()
-    return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx)
+    return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_state=initial_state)
 
 
 def ssm_step(state, x, dt, dt_bias, A, B, C, D, mode="auto"):
@@ -145,6 +145,13 @@ def attention(q, k, v, window: int, seq_idx=None, cu_seqlens=None, max_seqlen=No
         visible = visible & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (b, l, l)
         visible = visible[:, None]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible)
+    return out.transpose(1, 2)
+
+
+def attention_cached(q, k, v, visible, mode="auto"):
+    """Queries against cached + new keys: q (b,l,h,d), k/v (b,S,h,d), visible (b,l,S) bool."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=visible[:, None])
     return out.transpose(1, 2)
 
 

@@ -3,9 +3,13 @@
     model = HNetForCausalLM(config)
     out = model(input_ids, mask=mask)                 # masked: (B, L) right-padded
     out = model(input_ids, cu_seqlens=cu)             # packed: (1, T) with (N+1,) offsets
-    cache = model.allocate_inference_cache(batch_size=B, max_seqlen=N)
+    cache = model.allocate_inference_cache(batch_size=B)   # grows; max_seqlen=N sets a limit
     out = model(prompt_ids, mask=mask, cache=cache)   # prefill
+    out = model(more_ids, mask=mask2, cache=cache)    # extend: each sample continues where it ended
     out = model.step(next_ids, cache)                 # (B, 1) -> logits (B, 1, 256)
+
+Extending a cache piece by piece gives the logits and boundaries of one pass over the whole text
+(tests/test_extend_cache.py); generate.py reads long prompts that way, in flat memory.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import torch.nn as nn
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
+from hnet_core.prompt_cache import check_config
 
-from .cache import InferenceCache
+from .cache import InferenceCache, isotropic_states, reserve
 from .hnet import HNet
 from .routing import RoutingOutput
 
@@ -88,10 +93,26 @@ class HNetForCausalLM(nn.Module):
             if hasattr(m, "use_kernels"):
                 m.use_kernels = mode
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None) -> InferenceCache:
-        if batch_size <= 0 or max_seqlen <= 0:
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None) -> InferenceCache:
+        """An empty cache. Without max_seqlen it grows as bytes come; with it, attention caches are
+        allocated for max_seqlen positions at once and no sample may go beyond max_seqlen bytes."""
+        if batch_size <= 0 or (max_seqlen is not None and max_seqlen <= 0):
             raise HNetError(f"batch_size and max_seqlen must be positive, got {batch_size} and {max_seqlen}")
-        return InferenceCache(self.backbone.allocate_state(batch_size, max_seqlen, dtype), max_seqlen, batch_size)
+        device = self.embeddings.weight.device
+        return InferenceCache(self.backbone.allocate_state(batch_size, max_seqlen, dtype), max_seqlen, batch_size,
+                              lengths=torch.zeros(batch_size, dtype=torch.long, device=device), config=self.config_dict)
+
+    @property
+    def config_dict(self) -> dict:
+        """The config as a dict, computed once (caches carry it to refuse another model's cache)."""
+        if "_config_dict" not in self.__dict__:
+            self.__dict__["_config_dict"] = self.config.to_dict()
+        return self.__dict__["_config_dict"]
+
+    def _check_cache(self, cache: InferenceCache, batch_size: int) -> None:
+        check_config(cache.config, self.config_dict)
+        if cache.batch_size != batch_size:
+            raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {batch_size}")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -122,21 +143,19 @@ class HNetForCausalLM(nn.Module):
             if L > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
                 raise HNetError("mask must be right-padded: True on a prefix of each row, then False")
         if cache is not None:
-            if cache.prefilled:
-                raise HNetError("this cache was already prefilled; allocate a new one (continue with model.step)")
-            if cache.batch_size != B:
-                raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {B}")
-            lengths = mask.sum(-1)
-            if int(lengths.max()) > cache.max_seqlen:
-                raise HNetError(f"prompt of {int(lengths.max())} bytes exceeds the cache's max_seqlen {cache.max_seqlen}")
-            if int(lengths.min()) == 0:
-                raise HNetError("every prompt in the batch needs at least one byte")
+            self._check_cache(cache, B)
+            lengths = cache.lengths + mask.sum(-1)
+            longest = int(lengths.max())
+            if cache.max_seqlen is not None and longest > cache.max_seqlen:
+                raise HNetError(f"{longest} bytes exceed the cache's max_seqlen {cache.max_seqlen}; "
+                                "allocate it with a larger max_seqlen, or none to let it grow")
         h = self.embeddings(input_ids.long())
         h, routing = self.backbone(h, mask=mask, cu_seqlens=cu_seqlens, state=None if cache is None else cache.backbone)
         logits = self.lm_head(h)
         if cache is not None:
             cache.prefilled = True
-            cache.lengths = mask.sum(-1)
+            cache.lengths = lengths
+            cache.max_length = longest
         return CausalLMOutput(logits=logits, routing=routing, cache=cache)
 
     def step(self, input_ids: torch.Tensor, cache: InferenceCache) -> CausalLMOutput:
@@ -146,8 +165,14 @@ class HNetForCausalLM(nn.Module):
             raise HNetError("prefill the cache first: model(prompt_ids, mask=mask, cache=cache)")
         if tuple(input_ids.shape) != (cache.batch_size, 1):
             raise HNetError(f"step takes input_ids of shape ({cache.batch_size}, 1), got {tuple(input_ids.shape)}")
-        if int(cache.lengths.max()) >= cache.max_seqlen:
-            raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache")
+        self._check_cache(cache, cache.batch_size)
+        if cache.max_seqlen is not None and cache.max_length >= cache.max_seqlen:
+            raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache, "
+                            "or one without max_seqlen (it grows)")
+        stacks = isotropic_states(cache.backbone)
+        for stack in stacks:  # every stack may take one more position (a bound: inner ones only on boundaries)
+            reserve(stack, stack.max_length + 1)
+            stack.max_length += 1
         h = self.embeddings(input_ids.long())
         h, routing = self.backbone.step(h, cache.backbone)
         for r in routing:  # step outputs are (B,): give them the (B, 1) shape of a length-1 forward
@@ -156,6 +181,7 @@ class HNetForCausalLM(nn.Module):
             if r.valid is not None:
                 r.valid = r.valid[:, None]
         cache.lengths = cache.lengths + 1
+        cache.max_length += 1
         return CausalLMOutput(logits=self.lm_head(h), routing=routing, cache=cache)
 
     @staticmethod

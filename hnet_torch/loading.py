@@ -16,7 +16,7 @@ import zipfile
 
 import torch
 
-from hnet_core import io
+from hnet_core import io, mlx_lm_files
 from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
@@ -136,4 +136,4 @@ def save_pretrained(model: HNetForCausalLM, directory: str | os.PathLike, force:
             weight_map.update({k: name for k in shard})
         if len(shards) > 1:
             io.write_index(tmp, weight_map, sum(sizes.values()))
-        model.config.to_json(os.path.join(tmp, io.CONFIG_NAME))
+        mlx_lm_files.write_model_files(tmp, model.config.to_dict())  # config.json + mlx-lm's tokenizer files

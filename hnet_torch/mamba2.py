@@ -67,14 +67,19 @@ class Mamba2(nn.Module):
                 state: MambaState | None = None, **_) -> torch.Tensor:
         b, l, _ = u.shape
         z, xBC, dt = self._split(self.in_proj(u))  # (b, l, ·)
-        if state is not None:
-            lengths = mask.sum(-1) if mask is not None else torch.full((b,), l, device=u.device)
-            # Conv state = the last d_conv conv inputs of each sample (zeros before its start).
-            idx = lengths[:, None] - self.d_conv + torch.arange(self.d_conv, device=u.device)  # (b, k)
-            taps = xBC.gather(1, idx.clamp(min=0)[..., None].expand(-1, -1, self.conv_dim))
-            state.conv.copy_((taps * (idx >= 0)[..., None]).transpose(1, 2))
         weight = self.conv1d.weight[:, 0]  # (conv_dim, d_conv)
-        xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.use_kernels)
+        if state is not None:
+            # A live cache continues: the conv sees the last d_conv - 1 inputs before this piece
+            # (zeros for a fresh cache, which is exactly the causal zero padding), and the scan
+            # starts from the cached SSM state. Conv state = the last d_conv inputs of each sample.
+            lengths = mask.sum(-1) if mask is not None else torch.full((b,), l, device=u.device)
+            full = torch.cat([state.conv.transpose(1, 2).to(xBC.dtype), xBC], dim=1)  # (b, d_conv + l, c)
+            idx = lengths[:, None] + torch.arange(self.d_conv, device=u.device)  # (b, k)
+            state.conv.copy_(full.gather(1, idx[..., None].expand(-1, -1, self.conv_dim)).transpose(1, 2))
+            xBC = kernels.causal_conv1d_silu(full[:, 1:], weight, self.conv1d.bias, mode=self.use_kernels)
+            xBC = xBC[:, self.d_conv - 1:]
+        else:
+            xBC = kernels.causal_conv1d_silu(xBC, weight, self.conv1d.bias, seq_idx=seq_idx, mode=self.use_kernels)
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h); dt_limit = (0, inf): no clamp
         if mask is not None:
@@ -84,7 +89,7 @@ class Mamba2(nn.Module):
         A = -torch.exp(self.A_log.float())
         y, final_state = kernels.ssd_scan(
             x.reshape(b, l, self.nheads, self.headdim), dt, A, B[:, :, None], C[:, :, None], self.chunk_size,
-            self.D, seq_idx=seq_idx, mode=self.use_kernels,
+            self.D, seq_idx=seq_idx, initial_state=None if state is None else state.ssm, mode=self.use_kernels,
         )
         if state is not None:
             state.ssm.copy_(final_state)

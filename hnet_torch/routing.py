@@ -4,7 +4,8 @@
 
 q is applied to the previous byte and k to the current one; both projections start as the
 identity. The first position of every sequence is forced to p = 1 (in packed mode, every
-cu_seqlens start). Official `argmax([1 - p, p])` means strictly p > 0.5 (a tie is not a boundary).
+cu_seqlens start). A live cache being extended is not a new sequence: its first new byte is
+compared with the last byte before the cut (`last_hidden_state`), exactly as a single pass would. Official `argmax([1 - p, p])` means strictly p > 0.5 (a tie is not a boundary).
 `selected_probs` is p on boundaries and 1 - p elsewhere; it only reaches the model through the
 straight-through estimator in hnet.py.
 """
@@ -56,7 +57,13 @@ class RoutingModule(nn.Module):
                 state: RoutingState | None = None) -> RoutingOutput:
         """h (B, L, D); mask (B, L) for right-padded batches; seq_start (B, L) bool in packed mode."""
         p = boundary_probability(self.q_proj_layer(h[:, :-1]), self.k_proj_layer(h[:, 1:]))  # (B, L-1)
-        p = F.pad(p, (1, 0), value=1.0)
+        if state is not None:
+            # Continuing a cache: p of the first new byte against the last cached one (p = 1 only
+            # for a sample that has seen nothing yet, i.e. the true start of its sequence).
+            first = boundary_probability(self.q_proj_layer(state.last_hidden_state.to(h.dtype)), self.k_proj_layer(h[:, 0]))
+            p = torch.cat([torch.where(state.has_seen_tokens, first, torch.ones_like(first))[:, None], p], dim=1)
+        else:
+            p = F.pad(p, (1, 0), value=1.0)
         if seq_start is not None:
             p = torch.where(seq_start, torch.ones_like(p), p)
         boundary = p > 0.5

@@ -13,6 +13,11 @@ import pytest
 
 from hnet_core.config import HNetConfig
 
+try:  # hnet_mlx first, so it loads OpenBLAS before any test file imports mlx (hnet_mlx/blas.py)
+    import hnet_mlx  # noqa: F401
+except ImportError:  # MLX not installed: the MLX tests skip themselves
+    pass
+
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "official", "1stage_tiny")
 
 OFFICIAL_ONNX_MAX_SEQLEN = 400  # max_seqlen of the official fixture's shared ONNX export

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import hnet_mlx
 import hnet_torch
-from hnet_core import HNetError
+from hnet_core import HNetError, mlx_lm_files
 from hnet_core.io import INDEX_NAME
 from hnet_core.tokenizer import encode
 from hnet_mlx.convert import convert, torch_to_mlx
@@ -59,7 +59,7 @@ def test_official_pt_to_mlx_to_torch_round_trip_is_bit_identical(tmp_path, mlx_f
     assert sorted(back) == sorted(official)
     for k, v in official.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
-    assert json.load(open(tmp_path / "back" / "config.json")) == json.load(open(CFG))
+    assert json.load(open(tmp_path / "back" / "config.json")) == {**json.load(open(CFG)), **mlx_lm_files.config_keys()}  # + the keys mlx-lm reads
     reloaded = hnet_torch.load_pretrained(tmp_path / "back")  # the torch loader takes it as is
     assert list(reloaded.state_dict()) == list(official)
 
@@ -271,7 +271,7 @@ def test_existing_destination_needs_force(tmp_path):
     assert result.exit_code == 1 and "--force" in result.output
     assert os.listdir(dst) == ["keep.txt"]
     assert invoke("torch-to-mlx", PT, dst, "--config", CFG, "--force").exit_code == 0
-    assert sorted(os.listdir(dst)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(dst)) == sorted(["config.json", "model.safetensors", *mlx_lm_files.EXTRA_FILES])
 
 
 def test_failed_conversion_leaves_no_output_and_no_temp_files(tmp_path):

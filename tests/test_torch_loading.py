@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hnet_core import HNetError
+from hnet_core import HNetError, mlx_lm_files
 from hnet_core.io import INDEX_NAME
 from hnet_torch import load_pretrained, save_pretrained
 
@@ -23,13 +23,13 @@ CFG = f"{FIXTURE_DIR}/config.json"
 def test_round_trip_official_pt_to_safetensors_dir_is_identical(tmp_path):
     model = load_pretrained(PT, config=CFG)
     save_pretrained(model, tmp_path / "m")
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "m")) == sorted(["config.json", "model.safetensors", *mlx_lm_files.EXTRA_FILES])
     reloaded = load_pretrained(tmp_path / "m")
     official = torch.load(PT, weights_only=True)
     assert list(reloaded.state_dict()) == list(official)
     for k, v in official.items():
         assert torch.equal(reloaded.state_dict()[k], v), k
-    assert json.load(open(tmp_path / "m" / "config.json")) == json.load(open(CFG))
+    assert json.load(open(tmp_path / "m" / "config.json")) == {**json.load(open(CFG)), **mlx_lm_files.config_keys()}  # + the keys mlx-lm reads
 
 
 def test_saved_directories_get_normal_permissions(tmp_path):

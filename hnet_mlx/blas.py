@@ -1,0 +1,102 @@
+"""MLX at full speed on Linux: load the system's OpenBLAS before MLX is first imported.
+
+The Linux `mlx[cpu]` wheel links its matmuls (cblas_sgemm ...) against the reference BLAS it bundles,
+about 25x slower than an optimized one (8 vs 225 GFLOP/s measured on this project's CPU). Symbols
+are looked up in the process's global scope first, so a BLAS loaded there with RTLD_GLOBAL *before*
+libmlx.so is loaded serves MLX's calls instead; once MLX is loaded its symbols are bound and loading
+a BLAS changes nothing (then only `LD_PRELOAD=libopenblas.so.0` at process start helps, e.g. for
+mlx-lm's own commands).
+
+`hnet_mlx` calls `preload()` first thing on import. HNET_MLX_BLAS=off turns it off; HNET_MLX_BLAS=PATH
+names another LP64 CBLAS library. macOS needs none of this (MLX uses Accelerate / Metal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+ENV = "HNET_MLX_BLAS"
+CANDIDATES = ("libopenblas.so.0", "libopenblas.so")  # Debian/Ubuntu: apt-get install libopenblas0
+HINT = ("hnet_mlx: no optimized BLAS found, so MLX's CPU matmuls use the slow reference BLAS bundled with "
+        "mlx[cpu] (~25x slower); install one (Debian/Ubuntu: apt-get install libopenblas0), or set "
+        f"{ENV}=off to silence this")
+LATE_HINT = ("hnet_mlx: MLX was imported before hnet_mlx could load OpenBLAS, so it uses its slow bundled "
+             "reference BLAS; start the process with LD_PRELOAD={lib} (or import hnet_mlx before mlx)")
+
+status = "not checked"  # what `describe()` reports
+_done = False
+
+
+def _loaded_path(prefix: str) -> str | None:
+    """Path of a loaded shared library whose file name starts with `prefix` (Linux /proc/self/maps).
+    numpy's bundled libscipy_openblas64_ does not count: its symbols are renamed and ILP64."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                name = os.path.basename(fields[-1]) if len(fields) >= 6 else ""
+                if name.startswith(prefix) and "64" not in name:
+                    return fields[-1]
+    except OSError:
+        pass
+    return None
+
+
+def _find_library() -> str | None:
+    for name in CANDIDATES:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        return _loaded_path("libopenblas") or name
+    return None
+
+
+def preload(quiet: bool = False) -> str:
+    """Load an optimized BLAS into the global symbol scope if MLX is not loaded yet; returns `status`."""
+    global status, _done
+    if _done:
+        return status
+    _done = True
+    setting = os.environ.get(ENV, "").strip()
+    if not sys.platform.startswith("linux"):
+        status = "the platform's own (MLX uses Accelerate on macOS)"
+        return status
+    if setting.lower() in ("off", "0", "no", "false", "none"):
+        status = f"MLX's bundled reference BLAS ({ENV}=off)"
+        return status
+    already = _loaded_path("libopenblas") or (_loaded_path(os.path.basename(setting)) if setting else None)
+    if already:
+        status = f"OpenBLAS ({already}), loaded before MLX" if "openblas" in already else f"{already}, loaded before MLX"
+        return status
+    if "mlx.core" in sys.modules:
+        lib = setting or CANDIDATES[0]
+        status = "MLX's bundled reference BLAS (MLX was imported first)"
+        if not quiet:
+            print(LATE_HINT.format(lib=lib), file=sys.stderr)
+        return status
+    if setting:
+        try:
+            ctypes.CDLL(setting, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            status = f"MLX's bundled reference BLAS ({ENV}={setting} could not be loaded: {e})"
+            if not quiet:
+                print(f"hnet_mlx: {ENV}={setting} could not be loaded ({e}); using MLX's bundled BLAS", file=sys.stderr)
+            return status
+        status = f"{setting}, loaded before MLX"
+        return status
+    found = _find_library()
+    if found is None:
+        status = "MLX's bundled reference BLAS (no OpenBLAS found)"
+        if not quiet:
+            print(HINT, file=sys.stderr)
+        return status
+    status = f"OpenBLAS ({found}), loaded before MLX"
+    return status
+
+
+def describe() -> str:
+    """One line for -v output: which BLAS MLX's CPU matmuls use in this process."""
+    return f"BLAS: {status}"

@@ -1,0 +1,158 @@
+"""mlx-lm's model protocol on top of HNetForCausalLM (a thin adapter, no model code of its own).
+
+Every model directory we write names this module in config.json (through the small `model_file`
+module beside it, see hnet_core/mlx_lm_files.py), so mlx-lm runs H-Net:
+
+    mlx_lm.generate --model DIR --trust-remote-code --prompt "Hello" --temp 0
+    mlx_lm.server --model DIR --trust-remote-code
+    model, tokenizer = mlx_lm.load(DIR, trust_remote_code=True)
+
+What mlx-lm asks of a model, and how H-Net answers:
+- `Model(ModelArgs)`, `ModelArgs.from_dict(config.json)`: our HNetConfig; the weight names stay
+  ours (Model *is* an HNetForCausalLM), so anything mlx-lm writes back (mlx_lm.convert -q,
+  mlx_lm.fuse) is one of our model directories again.
+- `model(inputs, cache=None)` -> logits (B, L, 256) float32 for any L, on a fresh or a live cache:
+  mlx-lm prefills long prompts in `prefill_step_size` pieces on one cache, then feeds one token at a
+  time. One token is `HNetForCausalLM.step` (the compiled decode step).
+- `make_cache()` -> [HNetPromptCache]: one object wrapping our InferenceCache. It offers `state`
+  (for mx.eval), `nbytes`, deep copies (the server's in-memory prompt cache copies a cache before
+  reusing it), and `is_trimmable() == False`: H-Net's state (SSM states, chunk boundaries, the EMA)
+  cannot be rolled back, so the server reuses a cached prompt only when the new prompt extends it.
+  It has no `merge`, so `mlx_lm.server` serves requests one at a time on its sequential path
+  (BatchGenerator needs left-padded batched caches it can merge, filter and extend, which our
+  per-sample cache does not offer; concurrent requests queue).
+- `layers`: every block (Mamba2 / attention + MLP) of every stack, outermost encoder first, so
+  mlx-lm's LoRA utilities find the Linear layers; `sanitize`: official/torch conv layout -> MLX.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from hnet_core.config import HNetConfig
+
+from . import loading
+from .cache import InferenceCache, state_arrays, with_arrays
+from .lm import HNetForCausalLM
+
+@dataclass
+class ModelArgs:
+    """config.json as mlx-lm hands it over: our model config, without the mlx-lm keys."""
+
+    config: HNetConfig
+    model_type: str = "hnet"
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        return cls(config=HNetConfig.from_dict(params), model_type=params.get("model_type", "hnet"))
+
+
+class HNetPromptCache:
+    """The one cache object `Model.make_cache` returns (mlx-lm keeps a list of them per model)."""
+
+    def __init__(self) -> None:
+        self.cache: InferenceCache | None = None
+        self.offset = 0  # bytes consumed (per sample; mlx-lm runs batch 1 on this path)
+
+    # -- what mlx-lm reads ------------------------------------------------------------------
+
+    @property
+    def state(self) -> list[mx.array]:
+        if self.cache is None:
+            return []
+        return [self.cache.lengths, *state_arrays(self.cache.backbone)]
+
+    @state.setter
+    def state(self, value) -> None:
+        raise ValueError("H-Net caches cannot be rebuilt from mlx-lm's prompt-cache files; "
+                         "use hnet-mlx's own prompt-cache files")
+
+    @property
+    def meta_state(self) -> str:
+        return ""
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.cache is None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+    def __deepcopy__(self, memo) -> "HNetPromptCache":
+        # Arrays are immutable and every update replaces them, so a copy shares them; the dataclass
+        # tree around them is rebuilt (the split decode step assigns into it in place).
+        new = HNetPromptCache()
+        new.offset = self.offset
+        if self.cache is not None:
+            new.cache = copy.copy(self.cache)
+            new.cache.backbone = with_arrays(self.cache.backbone, state_arrays(self.cache.backbone))
+            new.cache.extra = dict(self.cache.extra)
+        return new
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def feed(self, model: HNetForCausalLM, inputs: mx.array) -> mx.array:
+        """Consume inputs (B, L) on this cache, continuing where it ended; logits (B, L, 256).
+        The cache grows as bytes come; one byte on a live cache takes the compiled decode step."""
+        B, L = inputs.shape
+        if self.cache is None:
+            self.cache = model.allocate_inference_cache(batch_size=B)
+        if L == 1 and self.cache.prefilled:
+            logits = model.step(inputs, self.cache).logits
+        else:
+            logits = HNetForCausalLM.__call__(model, inputs, cache=self.cache).logits
+        self.offset += L
+        return logits
+
+
+class Model(HNetForCausalLM):
+    """HNetForCausalLM answering mlx-lm's calls (see the module docstring)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args.config)
+        self.args = args
+        self.model_type = args.model_type
+
+    def __call__(self, inputs, cache: list[Any] | None = None, **kwargs) -> mx.array:
+        inputs = self._check_ids(inputs)  # (B, L) ints
+        if cache is None:
+            logits = HNetForCausalLM.__call__(self, inputs).logits
+        else:
+            entry = cache[0] if isinstance(cache, (list, tuple)) else cache
+            logits = entry.feed(self, inputs)
+        # float32: mlx-lm takes log-softmax of these, and argmax over fp16 log-probs could tie
+        # where the logits did not (hnet-mlx's sampler also works on float32 logits).
+        return logits.astype(mx.float32)
+
+    def make_cache(self) -> list[HNetPromptCache]:
+        return [HNetPromptCache()]
+
+    @property
+    def layers(self) -> list:
+        """Every block of every Isotropic stack: outer encoder, inner levels, outer decoder."""
+        blocks, level = [], self.backbone
+        decoders = []
+        while not level.is_innermost:
+            blocks += level.encoder.layers
+            decoders.append(level.decoder.layers)
+            level = level.main_network
+        blocks += level.main_network.layers
+        for stack in reversed(decoders):
+            blocks += stack
+        return blocks
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = loading.sanitize(weights)
+        if self.config.tie_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
