@@ -32,6 +32,14 @@ SHAPES = {
         "attn_cfg": {"num_heads": [4, 4, 4], "rotary_emb_dim": [32, 32, 32], "window_size": [1023, 1023, -1]},
         "tie_embeddings": False,
     },
+    # The same layout again, tiny (~1M parameters): seconds per 100k bytes, for a quick look at memory.
+    "bench_2stage_tiny": {
+        "arch_layout": ["m2", ["T1m2", ["T2"], "m2T1"], "m2"], "d_model": [64, 96, 128],
+        "d_intermediate": [0, 256, 384], "vocab_size": 256,
+        "ssm_cfg": {"chunk_size": 256, "d_conv": 4, "d_state": 16, "expand": 2},
+        "attn_cfg": {"num_heads": [2, 2, 2], "rotary_emb_dim": [16, 16, 16], "window_size": [1023, 1023, -1]},
+        "tie_embeddings": False,
+    },
 }
 
 
@@ -147,6 +155,7 @@ def main() -> None:
     p.add_argument("--max-rss-gb", type=float, default=4.0, help="Address-space cap per row (one pass over 100k bytes "
                    "needs far more: its attention masks and scores grow with the square of the length).")
     p.add_argument("--timeout", type=float, default=900, help="Seconds per row before it is reported as too slow.")
+    p.add_argument("--modes", nargs="+", default=["one-pass", "pieces"], choices=["one-pass", "pieces"])
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -160,7 +169,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|")
     for backend in args.backends:
         for n in args.sizes:
-            for piece in (0, args.piece):
+            for piece in [m for mode, m in (("one-pass", 0), ("pieces", args.piece)) if mode in args.modes]:
                 mode = "one pass" if piece == 0 else f"pieces of {args.piece}"
                 cmd = [sys.executable, __file__, "--child", "--backend", backend, "--n", str(n), "--piece", str(piece),
                        "--shape", args.shape, "--max-rss-gb", str(args.max_rss_gb)]
@@ -170,7 +179,8 @@ def main() -> None:
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
                     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                    row = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or ["died"])[-1][:80]}
+                    why = (done.stderr.strip().splitlines() or [""])[-1][:70]
+                    row = json.loads(lines[-1]) if lines else {"error": f"died (exit {done.returncode}) {why}".strip()}
                 except subprocess.TimeoutExpired:
                     row = {"error": f"not finished in {args.timeout:.0f} s"}
                 if "error" in row:
