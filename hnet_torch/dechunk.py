@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from .cache import DeChunkState
 from .chunk import boundary_order
+from . import kernels
 from .mamba2 import commit
-from .ssd import ema_chunk_scan
 
 P_MIN, P_MAX = 1e-4, 1 - 1e-4
 EMA_BLOCK = 256  # official block size of the EMA scan
@@ -34,6 +34,7 @@ class DeChunkLayer(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
+        self.use_kernels = "auto"  # the EMA is a scan: it follows the scan path ("compiled" compiles it)
 
     def allocate_state(self, batch_size: int, device=None) -> DeChunkState:
         return DeChunkState(last_value=torch.zeros(batch_size, self.d_model, device=device, dtype=torch.float32))
@@ -50,7 +51,7 @@ class DeChunkLayer(nn.Module):
             order = boundary_order(boundary_mask)[:, : inner.shape[1]]
             p_chunks = p.gather(1, order)  # (B, M)
             seq_idx = None
-        z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx)  # (B, M, D) fp32
+        z = kernels.ema_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx, mode=self.use_kernels)  # (B, M, D) fp32
         chunk_of = (torch.cumsum(boundary_mask.long(), dim=1) - 1).clamp(min=0)  # (B, L)
         out = z.gather(1, chunk_of[..., None].expand(-1, -1, z.shape[-1]))
         if state is not None:
