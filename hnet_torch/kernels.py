@@ -173,16 +173,22 @@ _ANNOUNCED: set[tuple[str, str, str]] = set()
 
 
 def _announce(path: str, impl: str, device: torch.device) -> None:
+    if torch.compiler.is_compiling():
+        return  # never read the set while tracing: it would become a guard, and a recompile when it grows
     key = (path, impl, device.type)
-    if key not in _ANNOUNCED and not torch.compiler.is_compiling():
+    if key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
         log.info("kernels: %s uses %s on %s", path, impl, device.type)
+
+
+def _is_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
 
 
 def _why_not(path: str, impl: str, x: torch.Tensor, needs_grad: bool = False) -> str | None:
     """None when `impl` can run this call, else the reason it cannot."""
     if impl in PACKAGES:
-        if not x.is_cuda:
+        if not _is_cuda(x):
             return f"{impl} runs on CUDA tensors only (this one is on {x.device.type})"
         for name in PACKAGES[impl]:
             module, error = probe(name)
@@ -197,6 +203,8 @@ def _why_not(path: str, impl: str, x: torch.Tensor, needs_grad: bool = False) ->
         if why is not None:
             return why
     if impl == "flex":
+        if probe("torch.nn.attention.flex_attention")[0] is None:
+            return f"FlexAttention needs torch >= 2.6 (this is {torch.__version__})"
         if x.device.type not in ("cuda", "cpu"):
             return f"FlexAttention runs on CUDA and CPU, not {x.device.type}"
         if x.device.type == "cpu" and needs_grad:
@@ -214,12 +222,13 @@ def choose(path: str, requested: str, x: torch.Tensor, needs_grad: bool = False)
         if why is not None:
             raise HNetError(f"{path}={requested} cannot run: {why}")
         return requested
+    cuda = _is_cuda(x)
     if path == "scan":
-        candidates = ("mamba_ssm", "compiled") if x.is_cuda else ("pure",)
+        candidates = ("mamba_ssm", "compiled") if cuda else ("pure",)
     elif path == "conv":
-        candidates = ("causal_conv1d",) if x.is_cuda else ("pure",)
+        candidates = ("causal_conv1d",) if cuda else ("pure",)
     else:
-        candidates = ("flash_attn", "flex") if x.is_cuda else ("sdpa",)
+        candidates = ("flash_attn", "flex") if cuda else ("sdpa",)
     impl = next((c for c in candidates if _why_not(path, c, x, needs_grad) is None), CHOICES[path][1])
     _announce(path, impl, x.device)
     return impl
