@@ -122,7 +122,8 @@ def test_recompiles_stop_after_the_first_steps_while_chunk_counts_vary(fresh_dyn
         ids, cu = packed_batch(lengths, offset=step)
         loss_and_grads(model, ids, cu, RATIOS["2stage"])
         graphs.append(compile_counters()["graphs"])
+    print("graphs after each step:", graphs)
     regions = 7
     assert compile_counters()["graph_breaks"] == 0
     assert graphs[-1] <= 2 * regions, graphs
-    assert graphs[-1] == graphs[11], graphs  # nothing compiles any more after step 11
+    assert graphs[-1] == graphs[9], graphs  # nothing compiles any more in the last 10 steps

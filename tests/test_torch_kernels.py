@@ -143,6 +143,7 @@ def qkv(b: int, l: int, h: int = 2, d: int = 16, seed: int = 0):
     return [torch.randn(b, l, h, d, generator=g) for _ in range(3)]
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("window", [4, 37, 500, -1], ids=["w4", "w37", "w_longer_than_seq", "global"])
 def test_flex_mask_equals_sdpa_reference(window):
     q, k, v = qkv(2, 150, seed=window)
@@ -151,6 +152,7 @@ def test_flex_mask_equals_sdpa_reference(window):
     assert (out - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("window", [5, -1])
 def test_flex_packed_documents_never_see_each_other(window):
     lengths = [70, 1, 129, 60]
@@ -167,3 +169,17 @@ def test_flex_packed_documents_never_see_each_other(window):
         out2 = kernels.flex_attention(q, k2, v2, window, seq_idx=seq_idx, fused=False)
         mine = (seq_idx == doc)[0]
         assert torch.equal(out2[:, mine], out[:, mine])
+
+
+def test_train_cli_checks_the_kernel_spec_and_a_named_path_fails_with_its_reason(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import tiny_run
+    from hnet_torch.train import train_command
+
+    cfg, data, _ = tiny_run(tmp_path)
+    base = ["--config", cfg, "--data", data, "--steps", "1", "--batch-size", "2", "--seq-len", "32"]
+    result = CliRunner().invoke(train_command, base + ["--out", str(tmp_path / "a"), "--kernels", "attention=fast"])
+    assert isinstance(result.exception, HNetError) and "attention must be one of" in str(result.exception)
+    result = CliRunner().invoke(train_command, base + ["--out", str(tmp_path / "b"), "--kernels", "attention=flex"])
+    assert isinstance(result.exception, HNetError) and "no backward pass on CPU" in str(result.exception)
