@@ -3,8 +3,9 @@
 Three paths, each with named implementations (`model.set_kernels(...)` picks them):
   * scan       "pure"      ssd.py's chunked scan, eager (the reference);
                "compiled"  the same ssd.py scan under torch.compile (dynamic shapes; Triton on CUDA,
-                           C++ on CPU), also used for the dechunk EMA;
+                           C++ on CPU);
                "mamba_ssm" mamba_ssm's Triton SSD scan and, in decode steps, its state update.
+               The dechunk EMA is the same scan: compiled under "compiled", eager otherwise.
   * conv       "pure"      shifted sums; "causal_conv1d" the causal-conv1d package (prefill and step).
   * attention  "sdpa"      scaled_dot_product_attention with an explicit (L x L) boolean mask (the reference);
                "flex"      FlexAttention with a block-sparse mask (causal + window + same document),
@@ -343,10 +344,11 @@ def sdpa_attention(q, k, v, window: int, seq_idx=None):
     return out.transpose(1, 2)
 
 
-def flex_block_mask(batch: int, length: int, window: int, seq_idx: torch.Tensor | None, device):
+def flex_block_mask(batch: int, length: int, window: int, seq_idx: torch.Tensor | None, device, fused: bool = True):
     """FlexAttention's block-sparse mask for query i / key j: j <= i, i - j <= window (window >= 0),
     and, in packed mode, the same document (seq_idx). Blocks with no visible pair are skipped, so
-    packed cost grows with the documents' own lengths, not with the whole batch's."""
+    packed cost grows with the documents' own lengths, not with the whole batch's. fused=True builds
+    it with a compiled kernel (never materialising the L x L grid); fused=False evaluates the grid."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -357,7 +359,8 @@ def flex_block_mask(batch: int, length: int, window: int, seq_idx: torch.Tensor 
             visible = visible & (seq_idx[b, q_idx] == seq_idx[b, kv_idx])
         return visible
 
-    return create_block_mask(mask_mod, batch if seq_idx is not None else None, None, length, length, device=device)
+    build = compiled("block_mask", create_block_mask) if fused else create_block_mask
+    return build(mask_mod, batch if seq_idx is not None else None, None, length, length, device=device)
 
 
 def flex_attention(q, k, v, window: int, seq_idx=None, fused: bool = True):
@@ -366,7 +369,7 @@ def flex_attention(q, k, v, window: int, seq_idx=None, fused: bool = True):
     from torch.nn.attention import flex_attention as fa
 
     b, l = q.shape[:2]
-    block_mask = flex_block_mask(b, l, window, seq_idx, q.device)
+    block_mask = flex_block_mask(b, l, window, seq_idx, q.device, fused=fused)
     fn = compiled("flex", fa.flex_attention) if fused else fa.flex_attention
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
     return out.transpose(1, 2)
