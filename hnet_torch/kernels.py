@@ -235,6 +235,15 @@ def choose(path: str, requested: str, x: torch.Tensor, needs_grad: bool = False)
     return impl
 
 
+def resolve(mode: str | KernelPlan, device: torch.device, dtype: torch.dtype, needs_grad: bool = True) -> dict[str, str]:
+    """The implementation each path will use for activations of `dtype` on `device` (and log it
+    once): trainers call this up front, so a named path that cannot run fails before any step, and
+    the choice is said even when the calls themselves run inside torch.compile'd regions."""
+    plan = _plan(mode)
+    x = torch.empty(0, device=device, dtype=dtype)
+    return {path: choose(path, getattr(plan, path), x, needs_grad) for path in CHOICES}
+
+
 def _plan(mode: str | KernelPlan) -> KernelPlan:
     return mode if isinstance(mode, KernelPlan) else PRESETS.get(mode) or parse_plan(mode)
 

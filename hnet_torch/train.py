@@ -36,6 +36,7 @@ from hnet_core.errors import HNetError
 from hnet_core.train_cli import config_from_options, train_options
 from hnet_core.train_config import TrainConfig
 
+from . import kernels as kernel_paths
 from .block import Block
 from .isotropic import Isotropic
 from .lm import HNetForCausalLM
@@ -113,9 +114,7 @@ def compiled_regions(model: HNetForCausalLM) -> list[torch.nn.Module]:
 
 def compile_model(model: HNetForCausalLM, backend: str = "inductor", mode: str | None = None) -> HNetForCausalLM:
     """Compile the model's regions in place (forward and backward; `step` stays eager) and return it."""
-    from . import kernels
-
-    kernels.probe_all()  # the traced dispatch then only reads caches
+    kernel_paths.probe_all()  # the traced dispatch then only reads caches
     regions = compiled_regions(model)
     # All stacks share one code object (Isotropic.forward) and Dynamo's cache limit counts entries
     # per code object: give every distinct stack room for its specialisations.
@@ -128,11 +127,9 @@ def compile_model(model: HNetForCausalLM, backend: str = "inductor", mode: str |
 def use_compile(setting: str, device: torch.device) -> bool:
     """--compile auto|on|off: "auto" compiles on CUDA (where Triton builds the kernels), not on CPU
     (there the first steps would spend minutes in the C++ compiler)."""
-    from . import kernels
-
     if setting not in ("auto", "on", "off"):
         raise HNetError(f"--compile must be auto, on or off, got {setting!r}")
-    missing = kernels.compiler_missing(device.type) if device.type in ("cpu", "cuda") else "unsupported device"
+    missing = kernel_paths.compiler_missing(device.type) if device.type in ("cpu", "cuda") else "unsupported device"
     if setting == "on" and missing is not None:
         raise HNetError(f"--compile on cannot run: {missing}")
     return setting == "on" or (setting == "auto" and device.type == "cuda" and missing is None)
@@ -162,6 +159,9 @@ class TorchBackend:
             # steps 5x slower than fp32 (bench/gpu_train_check.py). The other SDPA kernels don't plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model.set_kernels(kernels)
+        self.autocast = config.dtype == "bfloat16"
+        activations = torch.bfloat16 if self.autocast else next(self.model.parameters()).dtype
+        self.kernel_choice = kernel_paths.resolve(kernels, device, activations)  # fails early, says what runs
         self.compiled = use_compile(compile, device)
         if self.compiled:
             compile_model(self.model)
@@ -187,7 +187,6 @@ class TorchBackend:
 
             self.module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, config, fused=device.type == "cuda" and not fsdp)
-        self.autocast = config.dtype == "bfloat16"
         self.collective_forward = world > 1 and fsdp  # every FSDP forward needs all processes
 
     # helpers -------------------------------------------------------------------------------
