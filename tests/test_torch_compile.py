@@ -42,6 +42,27 @@ def loss_and_grads(model, ids, cu, ratios):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_recompiles_stop_after_the_first_steps_while_chunk_counts_vary(fresh_dynamo):
+    """20 steps of packed batches with random document lengths (so every stage's length and
+    document count change every step). Dynamo's graph count is backend-independent, so the
+    "eager" backend measures it without the C++ build. The 2-stage config has 7 regions (5 stacks,
+    2 routing modules): at most 2 graphs each, and none compiled in the last 10 steps."""
+    model = compile_model(random_torch_model(SMALL_CONFIGS["2stage"]()).train(), backend="eager")
+    g = torch.Generator().manual_seed(0)
+    graphs = []
+    for step in range(20):
+        n = int(torch.randint(2, 5, (1,), generator=g))
+        lengths = torch.randint(30, 120, (n,), generator=g).tolist()
+        ids, cu = packed_batch(lengths, offset=step)
+        loss_and_grads(model, ids, cu, RATIOS["2stage"])
+        graphs.append(compile_counters()["graphs"])
+    print("graphs after each step:", graphs)
+    regions = 7
+    assert compile_counters()["graph_breaks"] == 0
+    assert graphs[-1] <= 2 * regions, graphs
+    assert graphs[-1] == graphs[9], graphs  # nothing compiles any more in the last 10 steps
+
+
 def test_compiled_ssd_scan_matches_eager_forward_and_gradients(fresh_dynamo):
     g = torch.Generator().manual_seed(0)
     for l in (40, 61):  # a multiple of the chunk size and not
@@ -68,6 +89,22 @@ def test_compiled_ssd_scan_matches_eager_forward_and_gradients(fresh_dynamo):
     assert compile_counters()["graph_breaks"] == 0
 
 
+@pytest.mark.parametrize("name", ["2stage", "1stage", "3stage"])
+def test_compiled_training_step_matches_eager(name, fresh_dynamo):
+    eager = random_torch_model(SMALL_CONFIGS[name]()).train()
+    compiled = compile_model(copy.deepcopy(eager))
+    for lengths, offset in (([60, 45, 81], 0), ([33, 120], 7)):  # two steps: different chunk counts
+        ids, cu = packed_batch(lengths, offset)
+        loss0, grads0 = loss_and_grads(eager, ids, cu, RATIOS[name])
+        loss1, grads1 = loss_and_grads(compiled, ids, cu, RATIOS[name])
+        assert abs(float(loss1 - loss0)) <= 1e-5 * abs(float(loss0))
+        assert grads0.keys() == grads1.keys()
+        for key in grads0:
+            scale = grads0[key].abs().max().clamp(min=1e-6)
+            assert (grads1[key] - grads0[key]).abs().max() <= 1e-3 * scale, key
+    assert compile_counters()["graph_breaks"] == 0
+
+
 def test_fused_flex_attention_matches_sdpa(fresh_dynamo):
     """FlexAttention's compiled (C++ on CPU) kernel, at lengths that are not block multiples."""
     g = torch.Generator().manual_seed(1)
@@ -90,40 +127,3 @@ def test_model_with_flex_attention_matches_sdpa_in_packed_inference(fresh_dynamo
     assert (out.logits - ref.logits).abs().max() <= 1e-4
     for a, b in zip(out.routing, ref.routing):
         assert torch.equal(a.boundary_mask, b.boundary_mask)
-
-
-@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
-def test_compiled_training_step_matches_eager(name, fresh_dynamo):
-    eager = random_torch_model(SMALL_CONFIGS[name]()).train()
-    compiled = compile_model(copy.deepcopy(eager))
-    for lengths, offset in (([60, 45, 81], 0), ([33, 120], 7)):  # two steps: different chunk counts
-        ids, cu = packed_batch(lengths, offset)
-        loss0, grads0 = loss_and_grads(eager, ids, cu, RATIOS[name])
-        loss1, grads1 = loss_and_grads(compiled, ids, cu, RATIOS[name])
-        assert abs(float(loss1 - loss0)) <= 1e-5 * abs(float(loss0))
-        assert grads0.keys() == grads1.keys()
-        for key in grads0:
-            scale = grads0[key].abs().max().clamp(min=1e-6)
-            assert (grads1[key] - grads0[key]).abs().max() <= 1e-3 * scale, key
-    assert compile_counters()["graph_breaks"] == 0
-
-
-def test_recompiles_stop_after_the_first_steps_while_chunk_counts_vary(fresh_dynamo):
-    """20 steps of packed batches with random document lengths (so every stage's length and
-    document count change every step). Dynamo's graph count is backend-independent, so the
-    "eager" backend measures it without the C++ build. Measured: 12 graphs for the 2-stage
-    config's 7 regions (5 stacks, 2 routing modules), all within the first 11 steps."""
-    model = compile_model(random_torch_model(SMALL_CONFIGS["2stage"]()).train(), backend="eager")
-    g = torch.Generator().manual_seed(0)
-    graphs = []
-    for step in range(20):
-        n = int(torch.randint(2, 5, (1,), generator=g))
-        lengths = torch.randint(30, 120, (n,), generator=g).tolist()
-        ids, cu = packed_batch(lengths, offset=step)
-        loss_and_grads(model, ids, cu, RATIOS["2stage"])
-        graphs.append(compile_counters()["graphs"])
-    print("graphs after each step:", graphs)
-    regions = 7
-    assert compile_counters()["graph_breaks"] == 0
-    assert graphs[-1] <= 2 * regions, graphs
-    assert graphs[-1] == graphs[9], graphs  # nothing compiles any more in the last 10 steps
