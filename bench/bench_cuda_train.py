@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 autocast (default: bfloat16 on CUDA)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--phases", default=None, help="comma list of train,prefill (default: train on CUDA, both on CPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--variant", choices=["eager", "compiled"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--phase", choices=["train", "prefill"], default="train", help=argparse.SUPPRESS)
@@ -139,7 +140,7 @@ def main() -> None:
         print("ROW " + json.dumps(run_variant(args)), flush=True)
         return
     rows = []
-    phases = ["train"] if cuda else ["train", "prefill"]
+    phases = args.phases.split(",") if args.phases else (["train"] if cuda else ["train", "prefill"])
     for phase in phases:
         for variant in ("eager", "compiled"):
             cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--phase", phase,
