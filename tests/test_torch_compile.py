@@ -6,11 +6,12 @@ recompiles stop after the first steps although every step's chunk counts differ.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
-from hnet_torch import kernels, ssd
+from hnet_torch import kernels
 from hnet_torch.objective import objective
 from hnet_torch.train import compile_counters, compile_model
 
@@ -64,7 +65,20 @@ def test_recompiles_stop_after_the_first_steps_while_chunk_counts_vary(fresh_dyn
     assert graphs[-1] == graphs[9], graphs  # nothing compiles any more in the last 10 steps
 
 
-def test_compiled_ssd_scan_matches_eager_forward_and_gradients(fresh_dynamo):
+def test_compiled_ssd_scan_matches_eager_forward_and_gradients():
+    """Runs in a child process: its one run here aborted natively ("double free or corruption"
+    inside Inductor's generated C++), which must fail this test, not end the whole session."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import test_torch_compile as t; t.check_compiled_ssd_scan()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def check_compiled_ssd_scan() -> None:
     g = torch.Generator().manual_seed(0)
     for l in (40, 61):  # a multiple of the chunk size and not
         b, h, p, n = 2, 3, 8, 4
