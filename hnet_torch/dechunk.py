@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from .cache import DeChunkState
 from .chunk import boundary_order
+from . import kernels
 from .mamba2 import commit
-from .ssd import ema_chunk_scan
 
 P_MIN, P_MAX = 1e-4, 1 - 1e-4
 EMA_BLOCK = 256  # official block size of the EMA scan
@@ -36,6 +36,7 @@ class DeChunkLayer(nn.Module):
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
+        self.use_kernels = "auto"  # the EMA is a scan: it follows the scan path ("compiled" compiles it)
 
     def allocate_state(self, batch_size: int, device=None) -> DeChunkState:
         return DeChunkState(last_value=torch.zeros(batch_size, self.d_model, device=device, dtype=torch.float32))
@@ -57,7 +58,7 @@ class DeChunkLayer(nn.Module):
                 order = boundary_order(boundary_mask)[:, : inner.shape[1]]
                 p_chunks = p.gather(1, order)  # (B, M)
                 seq_idx = None
-            z = ema_chunk_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx)  # (B, M, D) fp32
+            z = kernels.ema_scan(inner, p_chunks, EMA_BLOCK, seq_idx=seq_idx, mode=self.use_kernels)  # (B, M, D) fp32
             if state is not None:
                 decay = torch.exp(torch.cumsum(torch.log1p(-p_chunks), dim=1))  # (B, M)
                 z = z + decay[..., None] * state.last_value[:, None]

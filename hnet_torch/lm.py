@@ -83,15 +83,17 @@ class HNetForCausalLM(nn.Module):
             out[name] = float(multipliers[level])
         return out
 
-    def set_kernels(self, mode: str) -> None:
-        """'auto' | 'on' | 'off': fused CUDA kernels for every Mamba2 and attention layer (see kernels.py)."""
-        from .kernels import KERNEL_MODES
+    def set_kernels(self, mode: str = "auto", **paths: str) -> None:
+        """Pick the implementation of each path for every Mamba2, attention and dechunk layer:
+        'auto' | 'off' | 'on' | 'scan=...,conv=...,attention=...', or keywords
+        (`set_kernels(scan="compiled", attention="flex")`). See kernels.py for the names; a named
+        implementation that cannot run raises HNetError when the layer runs."""
+        from .kernels import parse_plan
 
-        if mode not in KERNEL_MODES:
-            raise HNetError(f"use_kernels must be one of {KERNEL_MODES}, got {mode!r}")
+        plan = parse_plan(mode, **paths)
         for m in self.modules():
             if hasattr(m, "use_kernels"):
-                m.use_kernels = mode
+                m.use_kernels = plan
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None, dtype=None) -> InferenceCache:
         """An empty cache. Without max_seqlen it grows as bytes come; with it, attention caches are

@@ -45,15 +45,14 @@ def chunked_scan(
     Q = chunk_size
     pad = (-l) % Q
     u, log_decay, B, C = u.float(), log_decay.float(), B.float(), C.float()
-    if pad:
-        # Zero input and zero log-decay: padded steps leave the state untouched.
-        u = F.pad(u, (0, 0, 0, 0, 0, pad))
-        log_decay = F.pad(log_decay, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-        if seq_idx is not None:
-            seq_idx = F.pad(seq_idx, (0, pad), value=-1)
-            seq_idx[:, l:] = seq_idx[:, l - 1 : l]  # padding belongs to the last sequence
+    # Zero input and zero log-decay: padded steps leave the state untouched. Padding always, even by
+    # 0, keeps torch.compile from guarding (and recompiling) on whether l is a multiple of Q.
+    u = F.pad(u, (0, 0, 0, 0, 0, pad))
+    log_decay = F.pad(log_decay, (0, 0, 0, pad))
+    B = F.pad(B, (0, 0, 0, 0, 0, pad))
+    C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    if seq_idx is not None:
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding belongs to the last sequence
     c = (l + pad) // Q
     hpg = h // g
     u = u.reshape(b, c, Q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)

@@ -5,8 +5,9 @@
     torchrun --nproc-per-node 2 -m hnet_torch.train --config ... --data ... --out ...   # DDP
     hnet train ... --resume                                                          # continue runs/a
 
-CUDA when available (fused kernels through `use_kernels="auto"`, bf16 autocast with --dtype
-bfloat16), CPU otherwise. Under torchrun every process trains on its share of each global batch
+CUDA when available (FlexAttention, the compiled SSD scan and torch.compile'd blocks, or the
+mamba_ssm / causal_conv1d / flash_attn kernels where installed: `--kernels`, `--compile`; bf16
+autocast with --dtype bfloat16), CPU otherwise. Under torchrun every process trains on its share of each global batch
 (DDP, gloo on CPU, NCCL on GPUs; `--fsdp` shards parameters, gradients and optimizer state with
 FSDP2 for models that do not fit one GPU). Training runs the model's packed mode, as the official
 code does. The loop itself (schedule, logs, checkpoints, resume, Ctrl-C, NaN) is
@@ -16,6 +17,7 @@ hnet_core/train_loop.py; this file is the PyTorch half.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -34,11 +36,14 @@ from hnet_core.errors import HNetError
 from hnet_core.train_cli import config_from_options, train_options
 from hnet_core.train_config import TrainConfig
 
+from . import kernels as kernel_paths
 from .block import Block
+from .isotropic import Isotropic
 from .lm import HNetForCausalLM
 from .loading import load_weights, save_pretrained
 from .objective import local_sums, objective
 from .optim import build_optimizer, load_optimizer, save_optimizer, set_lr
+from .routing import RoutingModule
 
 DEFAULTS = {"steps": 1000, "batch_size": 8, "seq_len": 512, "lr": 1e-3, "warmup": 100}
 
@@ -88,6 +93,56 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+# -- torch.compile ---------------------------------------------------------------------------
+#
+# Regional compilation: every Isotropic stack and routing module becomes one compiled region. The
+# hot path of a training step is the stacks of Mamba2 / attention / MLP blocks at each level; each
+# compiles to one graph (no graph breaks inside: tests/test_torch_compile.py checks it) with
+# dynamic shapes, because the inner levels' lengths change every step (dynamic chunking). What
+# lies between the regions is data-dependent by nature (which bytes are boundaries, how many
+# chunks each sequence has) and small: boundary selection, chunk gathering and the dechunk layer
+# stay eager, so no region guards on a data-dependent size. Recompiles are bounded by the number
+# of distinct stacks (widths, layer counts) and the few shape specialisations Dynamo makes (sizes
+# 0/1, chunk-size multiples); they stop after the first steps (counted by the tests and by
+# bench/bench_cuda_train.py). Inside a region the kernel plan still applies: the "compiled" scan
+# and FlexAttention are inlined into the region's graph.
+
+
+def compiled_regions(model: HNetForCausalLM) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (Isotropic, RoutingModule))]
+
+
+def compile_model(model: HNetForCausalLM, backend: str = "inductor", mode: str | None = None) -> HNetForCausalLM:
+    """Compile the model's regions in place (forward and backward; `step` stays eager) and return it."""
+    kernel_paths.probe_all()  # the traced dispatch then only reads caches
+    regions = compiled_regions(model)
+    # All stacks share one code object (Isotropic.forward) and Dynamo's cache limit counts entries
+    # per code object: give every distinct stack room for its specialisations.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(regions))
+    for m in regions:
+        m.compile(dynamic=True, backend=backend, mode=mode)
+    return model
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """--compile auto|on|off: "auto" compiles on CUDA (where Triton builds the kernels), not on CPU
+    (there the first steps would spend minutes in the C++ compiler)."""
+    if setting not in ("auto", "on", "off"):
+        raise HNetError(f"--compile must be auto, on or off, got {setting!r}")
+    missing = kernel_paths.compiler_missing(device.type) if device.type in ("cpu", "cuda") else "unsupported device"
+    if setting == "on" and missing is not None:
+        raise HNetError(f"--compile on cannot run: {missing}")
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and missing is None)
+
+
+def compile_counters() -> dict[str, int]:
+    """Dynamo's counts since the last `torch._dynamo.reset()`: graphs and frames compiled, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "frames": int(counters["frames"]["ok"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
 # -- the PyTorch half of the loop ----------------------------------------------------------
 
 
@@ -95,7 +150,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: HNetForCausalLM, config: TrainConfig, device: torch.device, rank: int = 0,
-                 world: int = 1, fsdp: bool = False, kernels: str = "auto"):
+                 world: int = 1, fsdp: bool = False, kernels: str = "auto", compile: str = "auto"):
         self.config, self.device, self.rank, self.world, self.fsdp = config, device, rank, world, fsdp
         self.model = model.to(device).train()
         if device.type == "cuda":
@@ -104,6 +159,12 @@ class TorchBackend:
             # steps 5x slower than fp32 (bench/gpu_train_check.py). The other SDPA kernels don't plan.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model.set_kernels(kernels)
+        self.autocast = config.dtype == "bfloat16"
+        activations = torch.bfloat16 if self.autocast else next(self.model.parameters()).dtype
+        self.kernel_choice = kernel_paths.resolve(kernels, device, activations)  # fails early, says what runs
+        self.compiled = use_compile(compile, device)
+        if self.compiled:
+            compile_model(self.model)
         self.num_stages = model.config.num_stages
         self.ratios = config.ratios_for(self.num_stages)
         config.multipliers_for(model.config.num_levels)  # validate early
@@ -126,7 +187,6 @@ class TorchBackend:
 
             self.module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = build_optimizer(self.model, config, fused=device.type == "cuda" and not fsdp)
-        self.autocast = config.dtype == "bfloat16"
         self.collective_forward = world > 1 and fsdp  # every FSDP forward needs all processes
 
     # helpers -------------------------------------------------------------------------------
@@ -271,7 +331,7 @@ def build_model(config_path: str | None, model_path: str | None, resume_dir: str
 def train(config_path: str | None, model_path: str | None, data: str, out: str, train_config: TrainConfig,
           resume: str | None = None, explicit: dict | None = None, device: str | None = None, fsdp: bool = False,
           kernels: str = "auto", show_progress: bool = True, stop_at: int | None = None,
-          time_limit: float | None = None) -> str:
+          time_limit: float | None = None, compile: str = "auto") -> str:
     """Run (or resume) a training run; returns the final model directory (or the checkpoint on Ctrl-C)."""
     if resume is None and (config_path is None) == (model_path is None):
         raise HNetError("give --config CONFIG.json to train from scratch or --model DIR to fine-tune (one of them)")
@@ -280,7 +340,7 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
         plan = train_loop.plan_run(out, train_config, resume, explicit or {})
         sampler, val = train_loop.load_data(data, plan.config)
         model = build_model(config_path, model_path, plan.resume_from, plan.config.seed)
-        backend = TorchBackend(model, plan.config, dev, rank, world, fsdp=fsdp, kernels=kernels)
+        backend = TorchBackend(model, plan.config, dev, rank, world, fsdp=fsdp, kernels=kernels, compile=compile)
         return train_loop.run(backend, plan, sampler, val, show_progress=show_progress, stop_at=stop_at,
                               time_limit=time_limit)
     finally:
@@ -294,18 +354,30 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
 @train_options(DEFAULTS)
 @click.option("--device", default=None, help="cpu, cuda or mps (default: cuda when available).")
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters/gradients/optimizer state (FSDP2).")
-@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Fused CUDA kernels (mamba_ssm, causal_conv1d, flash_attn).")
+@click.option("--kernels", default="auto", show_default=True,
+              help="Implementation of each path: auto, off (pure PyTorch + masked SDPA), on (mamba_ssm, "
+                   "causal_conv1d, flash_attn), or e.g. scan=compiled,conv=pure,attention=flex (README: GPU training).")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="torch.compile the model's blocks (auto: on CUDA only).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.pass_context
-def train_command(ctx, config_path, model_path, data, out, resume, stop_at, time_limit, device, fsdp, kernels, threads,
-                  **options):
+def train_command(ctx, config_path, model_path, data, out, resume, stop_at, time_limit, device, fsdp, kernels,
+                  compile_, threads, **options):
     """Train an H-Net from scratch (--config) or fine-tune one (--model) in PyTorch."""
+    from .kernels import parse_plan
+
+    parse_plan(kernels)  # a bad --kernels fails before any data is read
+    if int(os.environ.get("RANK", "0")) == 0:
+        # Say once which implementation each path uses (kernels.choose logs its "auto" picks).
+        kernel_log = logging.getLogger("hnet_torch.kernels")
+        if not kernel_log.handlers:
+            kernel_log.addHandler(logging.StreamHandler())
+            kernel_log.setLevel(logging.INFO)
     cfg, explicit = config_from_options(ctx, options, DEFAULTS)
     if threads is not None:
         torch.set_num_threads(threads)
     train(config_path, model_path, data, out, cfg, resume=resume, explicit=explicit, device=device, fsdp=fsdp,
-          kernels=kernels, stop_at=stop_at, time_limit=time_limit)
+          kernels=kernels, stop_at=stop_at, time_limit=time_limit, compile=compile_)
 
 
 def main(argv: list[str] | None = None) -> None:
