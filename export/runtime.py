@@ -5,7 +5,11 @@
     out = m.prefill(input_ids, mask)                # numpy in; out.logits (B, L, 256), out.routing[s]
     out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
 
-The recurrent states (see io.json) stay inside the object between calls. On CUDA
+Every session of one OnnxHNet (prefill, step, step_cond) uses the same copy of the weights: the
+export's weights file is mapped once and its tensors are handed to each session with
+SessionOptions.add_initializer (onnxruntime then neither reads nor copies them), and weight
+pre-packing, which would give each session a private re-laid-out copy, is off for float
+exports (see SharedWeights). The recurrent states (see io.json) stay inside the object between calls. On CUDA
 (onnxruntime-gpu) they stay on the device through I/O binding and only the logits and routing
 outputs come back to the host. Global attention caches are buffers of `capacity` slots that grow
 (doubling) as decoding goes on, up to the export's max_seqlen.
@@ -65,13 +69,41 @@ def _providers(provider: str) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
+class SharedWeights:
+    """The export's weights file (export.json `weights`: file, and per tensor its offset, length,
+    dtype and shape) mapped read-only once, as OrtValues every session is given instead of reading
+    the file itself. The pages are the file's (page cache), so the process holds one copy no
+    matter how many sessions use them."""
+
+    def __init__(self, directory: str, table: dict):
+        path = os.path.join(directory, table["file"])
+        if not os.path.exists(path):
+            raise HNetError(f"{path} not found; re-export the model with `hnet export onnx`")
+        self.buffer = np.memmap(path, dtype=np.uint8, mode="r")
+        self.values: dict[str, ort.OrtValue] = {}
+        for name, t in table["tensors"].items():
+            end = t["offset"] + t["length"]
+            if end > self.buffer.size:
+                raise HNetError(f"{path} is shorter than export.json says (truncated?); re-export the model")
+            array = self.buffer[t["offset"] : end].view(np.dtype(t["dtype"])).reshape(t["shape"])
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)  # no copy; keeps `array` alive
+
+    def add_to(self, options: ort.SessionOptions) -> None:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
+
+
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
-                 step_variant: str = "auto", io_binding: bool | None = None):
+                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
+                 prepack: bool | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
-        levels only when some sample is at a boundary; needs an export with --batch-variants) or
+        levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
         "auto" (cond at batch 1 on CPU when exported, else where). io_binding: keep states in
-        onnxruntime-owned buffers between steps (default: on for CUDA)."""
+        onnxruntime-owned buffers between steps (default: on for CUDA). share_weights: give all
+        sessions the one mapped copy of an external weights file (default; False lets each session
+        load its own, as before). prepack: let the CPU provider re-lay weights out per session
+        (default: only for quantized exports, whose MatMulNBits kernels need it for speed)."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
@@ -91,11 +123,11 @@ class OnnxHNet:
         self.num_stages = self.config.num_stages
         providers, self.device = _providers(provider)
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self._options, self._providers = options, providers
+        self.quantization = self.meta.get("quantization")
+        table = self.meta.get("weights")
+        self.shared_weights = SharedWeights(path, table) if share_weights and table else None
+        self.prepack = self.quantization is not None if prepack is None else bool(prepack)
+        self._threads, self._providers = threads, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
         for file in self.meta["graphs"].values():
             if not os.path.exists(os.path.join(path, file)):
@@ -115,13 +147,27 @@ class OnnxHNet:
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
+        if self._threads:
+            options.intra_op_num_threads = int(self._threads)
+        if not self.prepack:
+            # Pre-packing copies every MatMul weight into a kernel-specific layout owned by the
+            # session: one more copy of the model per session, while decoding one byte at a time
+            # (a matrix-vector product) gains little from it (bench/bench_onnx_quant.py measures both).
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.shared_weights is not None:
+            self.shared_weights.add_to(options)
+        return options
+
     def _session(self, name: str) -> ort.InferenceSession:
-        """The onnxruntime session of one graph, created on first use (each holds its own copy of
-        the weights, so a step variant that is never used costs no memory)."""
+        """The onnxruntime session of one graph, created on first use (a step variant that is never
+        used costs no load time)."""
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
-                self.sessions[name] = ort.InferenceSession(graph_path, self._options, providers=self._providers)
+                self.sessions[name] = ort.InferenceSession(graph_path, self._session_options(), providers=self._providers)
             except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
