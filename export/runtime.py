@@ -133,7 +133,8 @@ class OnnxHNet:
             if not os.path.exists(os.path.join(path, file)):
                 raise HNetError(f"{os.path.join(path, file)} not found; re-export the model with `hnet export onnx`")
         if step_variant == "cond" and "step_cond" not in self.meta["graphs"]:
-            raise HNetError("this export has no step_cond.onnx; re-export with --batch-variants or use step_variant='where'")
+            raise HNetError("this export has no step_cond.onnx (exported with --no-batch-variants); re-export without "
+                           "it or use step_variant='where'")
         self._session("prefill")  # loads now, so a broken export fails here; step graphs load on first use
         self.step_variant = step_variant
         self._step_specs = {s["name"]: s for s in self.io["step"]["inputs"]}
