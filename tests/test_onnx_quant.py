@@ -100,9 +100,9 @@ def test_export_json_records_the_quantization_and_graphs_use_matmulnbits(exports
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_logits_and_boundaries_stay_close_to_float32(exports, kind, variant):
     dirs, _ = exports
-    ids = _text_ids(batch=2 if variant == "where" else 1, length=48)
-    (ref_logits, ref_stage0), ref_inner = _run(dirs["float32"], variant, ids, prompt=24)
-    (logits, stage0), inner = _run(dirs[kind], variant, ids, prompt=24)
+    ids = _text_ids(batch=2 if variant == "where" else 1, length=40)
+    (ref_logits, ref_stage0), ref_inner = _run(dirs["float32"], variant, ids, prompt=20)
+    (logits, stage0), inner = _run(dirs[kind], variant, ids, prompt=20)
     assert np.isfinite(logits).all()
     relative = np.abs(logits - ref_logits).mean() / np.abs(ref_logits).mean()
     assert relative <= LOGIT_TOLERANCE[kind], relative
@@ -152,3 +152,42 @@ def test_sessions_of_one_model_share_one_copy_of_the_weights(exports):
     private = growth(share_weights=False, prepack=True)
     assert private > 1.6 * weight_bytes, (private, weight_bytes)
     assert shared < 1.25 * weight_bytes, (shared, weight_bytes)
+
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.parametrize("kind", ["float32", "int4"])
+def test_io_binding_keeps_states_in_onnxruntime_values_and_matches_plain_runs(exports, kind):
+    """The CUDA provider's code path (states bound as OrtValues between steps), run on the CPU provider."""
+    import onnxruntime as ort
+
+    dirs, _ = exports
+    ids = _text_ids(batch=2, length=20)
+    plain = OnnxHNet(dirs[kind], provider="cpu", threads=1, io_binding=False)
+    bound = OnnxHNet(dirs[kind], provider="cpu", threads=1, io_binding=True)
+    for model in (plain, bound):
+        model.prefill(ids[:, :12])
+    for t in range(12, 20):
+        a, b = plain.step(ids[:, t : t + 1]), bound.step(ids[:, t : t + 1])
+        assert np.array_equal(a.logits, b.logits)
+    assert all(isinstance(v, ort.OrtValue) for v in bound._states.values())
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs onnxruntime-gpu and a CUDA GPU (not run on CPU-only machines)")
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
+def test_cuda_provider_keeps_states_on_the_device_and_matches_cpu(exports, kind):
+    dirs, _ = exports
+    ids = _text_ids(batch=2, length=20)
+    cpu = OnnxHNet(dirs[kind], provider="cpu", threads=1)
+    gpu = OnnxHNet(dirs[kind], provider="cuda")
+    assert gpu.io_binding
+    for model in (cpu, gpu):
+        model.prefill(ids[:, :12])
+    for t in range(12, 20):
+        a, b = cpu.step(ids[:, t : t + 1]), gpu.step(ids[:, t : t + 1])
+        assert np.abs(a.logits - b.logits).mean() <= 1e-2 * np.abs(a.logits).mean()
+    assert all(v.device_name().lower() == "cuda" for v in gpu._states.values())
