@@ -35,8 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, HERE)
 
-DATA = os.path.join(ROOT, "..", "shared", "data")
-HELD_OUT = os.path.join(DATA, "brown_detagged.txt.xz")
+DATA = os.environ.get("HNET_DATA", os.path.join(ROOT, "..", "shared", "data"))  # --data sets it for the children
 # About 100 M parameters, the official 1-stage layout at a smaller width.
 MEDIUM_1STAGE = {
     "arch_layout": ["m4", ["T12"], "m4"], "d_model": [512, 768], "d_intermediate": [0, 2048], "vocab_size": 256,
@@ -47,7 +46,7 @@ MEDIUM_1STAGE = {
 KINDS = ("float32", "int8", "int4")
 # (label, kind, share_weights, prepack): the runtime's default for each kind, and "private" (before).
 CONFIGS = [("float32", "float32", True, None), ("float32 private", "float32", False, True),
-           ("float32 shared+prepack", "float32", True, True), ("int8", "int8", True, None),
+           ("float32 no prepack", "float32", True, False), ("int8", "int8", True, None),
            ("int8 private", "int8", False, True), ("int4", "int4", True, None), ("int4 private", "int4", False, True)]
 
 
@@ -210,9 +209,10 @@ def quality(args, results: dict, save) -> None:
                 "int4, stage-0 encoder float": Quantization("int4", args.block_size,
                                                             keep_float=KEEP_FLOAT + ("model.backbone.encoder.",)),
                 "int4 block 128": Quantization("int4", 128)}
-    with lzma.open(HELD_OUT) as f:
+    held_out = os.path.join(DATA, "brown_detagged.txt.xz")
+    with lzma.open(held_out) as f:
         text = f.read(50_000 + args.quality_bytes)[50_000:]
-    entry = results.setdefault("quality", {"text": f"{os.path.basename(HELD_OUT)}, {len(text)} bytes"})
+    entry = results.setdefault("quality", {"text": f"{os.path.basename(held_out)}, {len(text)} bytes"})
     ref = None
     for label in ("float32", *variants):
         path = fp32 if label == "float32" else os.path.join(base, label.replace(" ", "_").replace(",", ""))
@@ -279,10 +279,13 @@ def main() -> None:
     ap.add_argument("--quality-bytes", type=int, default=16_000)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--data", default=DATA, help="directory of the .xz texts (../shared/data of the repository)")
     ap.add_argument("--work", default=os.path.join(ROOT, "runs", "bench_onnx_quant"))
     ap.add_argument("--results", default=os.path.join(HERE, "results_onnx_quant.json"))
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
+    global DATA
+    DATA = os.environ["HNET_DATA"] = os.path.abspath(args.data)
     import onnxruntime
     import torch
 

@@ -230,7 +230,8 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
                     onnx_model = _trace(module, inputs, outputs, opset, varargs=kind == "step")
                 linear.rewrite(onnx_model)
                 if shared is not None:
-                    shared.externalize(onnx_model, {"model." + n for n in weight_names} | set(linear.tensors))
+                    shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
+                    linear.release()
                 onnx_model.producer_name = "hnet-mlx"
                 _save(onnx_model, os.path.join(tmp, name + ".onnx"))
                 io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
@@ -285,7 +286,8 @@ def quantize_export(src_dir: str, out_dir: str, quantization: Quantization, forc
                             if isinstance(v.const_value, ir.ExternalTensor)}
                 linear.rewrite(model)
                 if shared is not None:
-                    shared.externalize(model, external | set(linear.tensors))
+                    shared.externalize(model, external | linear.names)
+                    linear.release()
                 _save(model, os.path.join(tmp, file))
         finally:
             if shared is not None:

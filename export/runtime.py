@@ -7,9 +7,11 @@
 
 Every session of one OnnxHNet (prefill, step, step_cond) uses the same copy of the weights: the
 export's weights file is mapped once and its tensors are handed to each session with
-SessionOptions.add_initializer (onnxruntime then neither reads nor copies them), and weight
-pre-packing, which would give each session a private re-laid-out copy, is off for float
-exports (see SharedWeights). The recurrent states (see io.json) stay inside the object between calls. On CUDA
+SessionOptions.add_initializer (onnxruntime then neither reads nor copies them). The CPU
+provider's weight pre-packing gives each session a private re-laid-out copy, so by default only
+the step graphs of a float export pre-pack (a matrix-vector product per byte is ~1.5x slower on
+unpacked weights; prefill multiplies many rows and packs as it goes); prepack=False keeps one
+copy in all (see OnnxHNet and bench/bench_onnx_quant.py). The recurrent states (see io.json) stay inside the object between calls. On CUDA
 (onnxruntime-gpu) they stay on the device through I/O binding and only the logits and routing
 outputs come back to the host. Global attention caches are buffers of `capacity` slots that grow
 (doubling) as decoding goes on, up to the export's max_seqlen.
@@ -102,8 +104,9 @@ class OnnxHNet:
         "auto" (cond at batch 1 on CPU when exported, else where). io_binding: keep states in
         onnxruntime-owned buffers between steps (default: on for CUDA). share_weights: give all
         sessions the one mapped copy of an external weights file (default; False lets each session
-        load its own, as before). prepack: let the CPU provider re-lay weights out per session
-        (default: only for quantized exports, whose MatMulNBits kernels need it for speed)."""
+        load its own, as before). prepack: let the CPU provider re-lay weights out per session:
+        True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
+        None (default) in the step graphs of float exports and in every graph of quantized ones."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
@@ -126,7 +129,7 @@ class OnnxHNet:
         self.quantization = self.meta.get("quantization")
         table = self.meta.get("weights")
         self.shared_weights = SharedWeights(path, table) if share_weights and table else None
-        self.prepack = self.quantization is not None if prepack is None else bool(prepack)
+        self.prepack = prepack
         self._threads, self._providers = threads, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
         for file in self.meta["graphs"].values():
@@ -148,15 +151,17 @@ class OnnxHNet:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _session_options(self) -> ort.SessionOptions:
+    def _session_options(self, name: str) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
         if self._threads:
             options.intra_op_num_threads = int(self._threads)
-        if not self.prepack:
+        prepack = self.prepack
+        if prepack is None:
+            prepack = self.quantization is not None or name != "prefill"
+        if not prepack:
             # Pre-packing copies every MatMul weight into a kernel-specific layout owned by the
-            # session: one more copy of the model per session, while decoding one byte at a time
-            # (a matrix-vector product) gains little from it (bench/bench_onnx_quant.py measures both).
+            # session: one more copy of the model per session.
             options.add_session_config_entry("session.disable_prepacking", "1")
         if self.shared_weights is not None:
             self.shared_weights.add_to(options)
@@ -168,7 +173,7 @@ class OnnxHNet:
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
-                self.sessions[name] = ort.InferenceSession(graph_path, self._session_options(), providers=self._providers)
+                self.sessions[name] = ort.InferenceSession(graph_path, self._session_options(name), providers=self._providers)
             except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None

@@ -91,7 +91,8 @@ class LinearWeights:
     tensors between graphs by name (so the weights file holds each once)."""
 
     quantization: Quantization | None = None
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> data
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # initializer name -> data (until released)
+    names: set[str] = field(default_factory=set)  # every initializer this object made
     quantized: set[str] = field(default_factory=set)  # original weight names
     kept_float: set[str] = field(default_factory=set)
 
@@ -118,7 +119,7 @@ class LinearWeights:
                         self._quantize(graph, node, weight)
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         for name, value in list(graph.initializers.items()):
-            if not value.uses() and (name + ".T" in graph.initializers or name in self.tensors):
+            if not value.uses() and (name + ".T" in graph.initializers or name in self.names):
                 graph.initializers.pop(name)  # W once transposed, W.T once quantized: unused now
 
     def _initializer(self, graph: ir.Graph, name: str, make) -> ir.Value:
@@ -126,6 +127,7 @@ class LinearWeights:
             return graph.initializers[name]
         if name not in self.tensors:
             self.tensors[name] = make()
+        self.names.add(name)
         value = ir.Value(name=name, const_value=ir.tensor(self.tensors[name], name=name))
         graph.register_initializer(value)
         return value
@@ -179,6 +181,11 @@ class LinearWeights:
             self.tensors[f"{name}_scales"] = scales
             self.tensors[f"{name}_zero_points"] = zero_points
         return self.tensors[key], self.tensors[f"{name}_scales"], self.tensors[f"{name}_zero_points"]
+
+    def release(self) -> None:
+        """Forget the arrays made so far (once a graph's weights are written to the shared file, the
+        next graph can recompute a transpose in a moment instead of holding a second copy of the model)."""
+        self.tensors.clear()
 
     def report(self) -> dict:
         return {"quantized": sorted(self.quantized), "float": sorted(self.kept_float)}
