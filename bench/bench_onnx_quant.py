@@ -268,6 +268,7 @@ def print_tables(results: dict, args) -> None:
 
 
 def main() -> None:
+    global DATA
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         return child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,7 +285,6 @@ def main() -> None:
     ap.add_argument("--results", default=os.path.join(HERE, "results_onnx_quant.json"))
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
-    global DATA
     DATA = os.environ["HNET_DATA"] = os.path.abspath(args.data)
     import onnxruntime
     import torch

@@ -163,6 +163,7 @@ class LinearWeights:
                                   "accuracy_level": q.accuracy_level})
         ir.convenience.replace_nodes_and_values(node.graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])
         self.quantized.add(original)
+        self.names.add(name)  # so the float W.T, unused once every MatMul on it is quantized, is dropped
 
     def _blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """onnxruntime's blockwise quantization of B (K, N): packed (N, K/bs, bs*bits/8) uint8,
