@@ -14,8 +14,9 @@ runtime before sharing: every session loads and pre-packs its own copy of the we
 
 Quality: the bundled model (hnet_core/demo_model, trained on Austen) exported float32 / int8 /
 int4, bits per byte over --quality-bytes of held-out text (Brown corpus) in windows of 1024, and
-the share of stage-0 boundary decisions that differ from float32; also int4 with the stage-0
-encoder kept in float, to see whether the encoder's quantization is what moves the boundaries.
+the share of stage-0 boundary decisions that differ from float32; also int4 with the encoders
+quantized too (the default keeps them float) or only the stage-0 one float, to see which
+quantization moves the boundaries.
 """
 
 from __future__ import annotations
@@ -206,8 +207,9 @@ def quality(args, results: dict, save) -> None:
     if not os.path.exists(os.path.join(fp32, "export.json")):
         export_onnx(os.path.join(ROOT, "hnet_core", "demo_model"), fp32, max_seqlen=1024, force=True)
     variants = {"int8": Quantization("int8", args.block_size), "int4": Quantization("int4", args.block_size),
-                "int4, stage-0 encoder float": Quantization("int4", args.block_size,
-                                                            keep_float=KEEP_FLOAT + ("model.backbone.encoder.",)),
+                "int4, encoders quantized too": Quantization("int4", args.block_size, keep_float=KEEP_FLOAT),
+                "int4, only the stage-0 encoder float": Quantization("int4", args.block_size,
+                                                                     keep_float=KEEP_FLOAT + ("model.backbone.encoder.",)),
                 "int4 block 128": Quantization("int4", 128)}
     held_out = os.path.join(DATA, "brown_detagged.txt.xz")
     with lzma.open(held_out) as f:

@@ -26,7 +26,7 @@ def _positive(ctx, param, value):
 
 @export.command("onnx")
 @click.option("--model", "model_path", required=True,
-              help="Model directory (config.json + model.safetensors) or an official .pt checkpoint.")
+              help="Model directory (config.json + model.safetensors), an official .pt checkpoint, or (with --quantize) a float32 export directory to quantize without tracing again.")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--out", "out_dir", required=True, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
 @click.option("--opset", default=None, type=int, help="ONNX opset version.  [default: 20]")
@@ -40,7 +40,8 @@ def _positive(ctx, param, value):
                    "boundary (the fastest step at batch 1 on CPU; the runtime picks it there).")
 @click.option("--quantize", default=None, metavar="[int8|int4]",
               help="Weight-only quantization of the Linear weights (onnxruntime MatMulNBits, blockwise with "
-                   "scales and zero points); routing q/k projections, LM head, embeddings and norms stay float.")
+                   "scales and zero points); routing q/k projections, LM head, embeddings, norms (and with int4 "
+                   "the encoders) stay float.")
 @click.option("--block-size", default=None, type=int,
               help="Weights per quantization block along the input axis, with --quantize: 16, 32, 64, 128 or "
                    "256.  [default: 32]")

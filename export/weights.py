@@ -17,7 +17,8 @@ LLMs): the blocks are quantized by onnxruntime's own kernel
 built the way its MatMulNBitsQuantizer builds it. Each weight is quantized once and the result is
 shared by all graphs of the export. Weights whose names contain one of `keep_float` stay in
 float: the routing module's q/k projections (the boundary decision p_t > 0.5 of eq. 4 is a hard
-threshold on their output) and the LM head (256 rows, a negligible share of the bytes read).
+threshold on their output), the LM head (256 rows, a negligible share of the bytes read) and, at
+4 bits, the encoders.
 Embeddings (a Gather) and norms (a Mul) are never MatMul weights.
 """
 
@@ -37,6 +38,10 @@ DEFAULT_BLOCK_SIZE = 32
 # dot product (the fast path of MatMulNBits on x86 and ARM); other providers ignore it.
 DEFAULT_ACCURACY_LEVEL = 4
 KEEP_FLOAT = ("routing_module.q_proj_layer", "routing_module.k_proj_layer", "lm_head")
+# At 4 bits the encoders (whose output the routing module thresholds) also stay float: on the
+# bundled model int4 encoders flip 1.9% of the stage-0 boundary decisions, float ones none
+# (bench/bench_onnx_quant.py); they are a small share of the bytes read per step.
+KEEP_FLOAT_INT4 = KEEP_FLOAT + ("encoder.",)
 MS_DOMAIN = "com.microsoft"
 
 
@@ -45,7 +50,11 @@ class Quantization:
     kind: str  # "int8" | "int4"
     block_size: int = DEFAULT_BLOCK_SIZE
     accuracy_level: int = DEFAULT_ACCURACY_LEVEL
-    keep_float: tuple[str, ...] = KEEP_FLOAT
+    keep_float: tuple[str, ...] | None = None  # None: KEEP_FLOAT, plus the encoders at 4 bits
+
+    def __post_init__(self) -> None:
+        if self.keep_float is None:
+            self.keep_float = KEEP_FLOAT_INT4 if self.kind == "int4" else KEEP_FLOAT
 
     @property
     def bits(self) -> int:
