@@ -26,7 +26,8 @@ def _positive(ctx, param, value):
 
 @export.command("onnx")
 @click.option("--model", "model_path", required=True,
-              help="Model directory (config.json + model.safetensors), an official .pt checkpoint, or (with --quantize) a float32 export directory to quantize without tracing again.")
+              help="Model directory (config.json + model.safetensors), an official .pt checkpoint, or (with "
+                   "--quantize) a float32 export directory to quantize without tracing again.")
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--out", "out_dir", required=True, help="Directory to write (prefill.onnx, step.onnx, io.json, ...).")
 @click.option("--opset", default=None, type=int, help="ONNX opset version.  [default: 20]")

@@ -11,9 +11,11 @@ SessionOptions.add_initializer (onnxruntime then neither reads nor copies them).
 provider's weight pre-packing gives each session a private re-laid-out copy, so by default only
 the step graphs of a float export pre-pack (a matrix-vector product per byte is ~1.5x slower on
 unpacked weights; prefill multiplies many rows and packs as it goes); prepack=False keeps one
-copy in all (see OnnxHNet and bench/bench_onnx_quant.py). The recurrent states (see io.json) stay inside the object between calls. On CUDA
-(onnxruntime-gpu) they stay on the device through I/O binding and only the logits and routing
-outputs come back to the host. Global attention caches are buffers of `capacity` slots that grow
+copy in all (see OnnxHNet and bench/bench_onnx_quant.py).
+
+The recurrent states (see io.json) stay inside the object between calls. On CUDA (onnxruntime-gpu)
+they stay on the device through I/O binding and only the logits and routing outputs come back to
+the host. Global attention caches are buffers of `capacity` slots that grow
 (doubling) as decoding goes on, up to the export's max_seqlen.
 """
 
@@ -173,7 +175,8 @@ class OnnxHNet:
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
-                self.sessions[name] = ort.InferenceSession(graph_path, self._session_options(name), providers=self._providers)
+                options = self._session_options(name)
+                self.sessions[name] = ort.InferenceSession(graph_path, options, providers=self._providers)
             except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
