@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -123,38 +125,47 @@ def test_quantized_exports_generate_at_batch_1_and_2(exports, kind):
         assert len(steps) == 12 and all(len(s.bytes) == len(prompts) for s in steps)
 
 
-def _rss() -> int:
+_GROWTH = """
+import sys, numpy as np
+from hnet_export import OnnxHNet
+
+def rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+ids = np.array([[254, *b"Hello, w"]])
+share, prepack = sys.argv[2] == "1", sys.argv[3] == "1"
+OnnxHNet(sys.argv[1], provider="cpu", threads=1, share_weights=share, prepack=prepack).prefill(ids[:, :2])  # warm-up
+before = rss()
+model = OnnxHNet(sys.argv[1], provider="cpu", threads=1, share_weights=share, prepack=prepack, step_variant="where")
+model.prefill(ids[:, :4])
+model.step(ids[:, 4:5])
+model.step_variant = "cond"
+model.step(ids[:, 5:6])
+print(rss() - before)
+"""
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="RSS is read from /proc (Linux)")
 def test_sessions_of_one_model_share_one_copy_of_the_weights(exports):
+    """RSS added by loading, prefilling and stepping with both step variants (three sessions), each
+    in a fresh process (a heap holding freed copies would hide new ones)."""
     dirs, weight_bytes = exports
-    ids = _text_ids(batch=1, length=8)
 
-    def growth(**options) -> int:
-        """RSS added by loading, prefilling and stepping with both step variants (three sessions)."""
-        before = _rss()
-        model = OnnxHNet(dirs["float32"], provider="cpu", threads=1, step_variant="where", **options)
-        model.prefill(ids[:, :4])
-        model.step(ids[:, 4:5])
-        model.step_variant = "cond"
-        model.step(ids[:, 5:6])
-        after = _rss()
-        del model
-        return after - before
+    def growth(share: bool, prepack: bool) -> int:
+        proc = subprocess.run([sys.executable, "-c", _GROWTH, dirs["float32"], str(int(share)), str(int(prepack))],
+                              capture_output=True, text=True, check=True)
+        return int(proc.stdout.split()[-1])
 
-    growth(prepack=False)  # onnxruntime's one-time costs (environment, kernel registry, thread pools)
-    # Shared weights, no pre-packing: one copy for all sessions. Measured before the heap holds
-    # freed copies to reuse. (By default the step sessions of a float export pre-pack: faster
-    # matrix-vector products for one more copy per step graph in use.)
-    shared = growth(prepack=False)
+    # Shared weights, no pre-packing: one copy for all sessions. (By default the step sessions of a
+    # float export pre-pack: faster matrix-vector products for one more copy per step graph in use.)
+    shared = growth(share=True, prepack=False)
     # The check can fail: sessions that each load and pre-pack their own weights (the runtime before
-    # sharing) hold about 2.7 copies here.
-    private = growth(share_weights=False, prepack=True)
-    assert private > 1.6 * weight_bytes, (private, weight_bytes)
-    assert shared < 1.25 * weight_bytes, (shared, weight_bytes)
+    # sharing) hold about 2.4 copies here, shared ones 1.35 (the rest is the three sessions' own
+    # graphs and buffers, about 18 MB whatever the model's size).
+    private = growth(share=False, prepack=True)
+    assert private - shared > 0.8 * weight_bytes, (private, shared, weight_bytes)
+    assert shared < 1.5 * weight_bytes, (shared, weight_bytes)
 
 
 def _has_cuda() -> bool:
