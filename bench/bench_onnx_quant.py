@@ -25,7 +25,6 @@ import argparse
 import json
 import lzma
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,7 +56,9 @@ def english(n: int, offset: int = 10_000) -> bytes:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak RSS in bytes: VmHWM (ru_maxrss would carry the parent's peak over fork + exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def build_model(name: str):
