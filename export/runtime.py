@@ -103,7 +103,7 @@ class OnnxHNet:
                  prepack: bool | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
         levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
-        "auto" (cond at batch 1 on CPU when exported, else where). io_binding: keep states in
+        "auto" (cond at batch 1 on CPU for float exports, else where). io_binding: keep states in
         onnxruntime-owned buffers between steps (default: on for CUDA). share_weights: give all
         sessions the one mapped copy of an external weights file (default; False lets each session
         load its own, as before). prepack: let the CPU provider re-lay weights out per session:
@@ -268,7 +268,11 @@ class OnnxHNet:
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
         if variant == "auto":
-            variant = "cond" if ("step_cond" in self.meta["graphs"] and self._batch == 1 and self.device == "cpu") else "where"
+            # Quantized exports decode faster with step.onnx: inside the If of step_cond.onnx the CPU
+            # provider does not pre-pack MatMulNBits weights (outer-scope initializers), and unpacked
+            # MatMulNBits dequantizes its whole weight on every call (bench/bench_onnx_quant.py).
+            cond = "step_cond" in self.meta["graphs"] and self.quantization is None
+            variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
         return self._session("step_cond" if variant == "cond" else "step")
 
     def step(self, next_ids) -> OnnxOutput:
