@@ -269,8 +269,8 @@ class OnnxHNet:
         variant = self.step_variant
         if variant == "auto":
             # Quantized exports decode faster with step.onnx: inside the If of step_cond.onnx the CPU
-            # provider does not pre-pack MatMulNBits weights (outer-scope initializers), and unpacked
-            # MatMulNBits dequantizes its whole weight on every call (bench/bench_onnx_quant.py).
+            # provider's MatMulNBits runs 2-3x slower than the whole step.onnx (measured with
+            # onnxruntime 1.32; moving its weights into the subgraph does not help; cause not found).
             cond = "step_cond" in self.meta["graphs"] and self.quantization is None
             variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
         return self._session("step_cond" if variant == "cond" else "step")

@@ -123,7 +123,7 @@ def test_quantized_exports_generate_at_batch_1_and_2(exports, kind):
         model = OnnxHNet(dirs[kind], provider="cpu", threads=1)
         steps = list(stream_generate(model, prompts, max_tokens=12, sampling=greedy))
         assert len(steps) == 12 and all(len(s.bytes) == len(prompts) for s in steps)
-        # step.onnx even at batch 1: MatMulNBits inside step_cond's If runs unpacked (slow).
+        # step.onnx even at batch 1: MatMulNBits inside step_cond's If is slow (runtime.py).
         assert "step" in model.sessions and "step_cond" not in model.sessions
 
 
