@@ -6,10 +6,11 @@ writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
     prefill.onnx        input_ids + mask -> logits, routing, every recurrent state
     extend.onnx         a piece (input_ids + mask) + states -> logits, routing, new states (prompts in pieces)
     step.onnx           one byte per sample + states -> logits, routing, new states
-    step_cond.onnx      (with batch_variants) the same step, inner levels under an ONNX If
+    step_cond.onnx      (batch_variants, the default) the same step, inner levels under an ONNX If
     weights.onnx.data   (large models, or external_data=True) the weights, shared by all graphs
     config.json         the model config (official JSON format)
-    export.json         opset, dtype, max_seqlen, versions of the exporter's packages
+    export.json         opset, dtype, max_seqlen, quantization, the weights file's table of
+                        tensors, versions of the exporter's packages
     io.json             every graph input and output: name, dtype, shape, meaning
 
 The graphs come from torch.onnx.export(dynamo=True) of graph.PrefillGraph / ExtendGraph / StepGraph (the
@@ -39,8 +40,9 @@ from hnet_torch.loading import load_pretrained
 
 from .graph import ExtendGraph, PrefillGraph, StepGraph
 from .layout import BATCH, KV_SLOTS, LENGTH, TensorSpec, graph_io
+from .weights import LinearWeights, Quantization, check_quantization
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # additions since (quantization, weights) are optional keys older runtimes ignore
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the dynamo exporter's function library starts at opset 18
 DEFAULT_MAX_SEQLEN = 8192  # H-Net's training context (bytes)
@@ -147,6 +149,13 @@ class _SharedWeights:
             value.const_value = ir.ExternalTensor(WEIGHTS_FILE, offset, length, dtype, shape=ir.Shape(shape),
                                                   name=value.name, base_dir=self.directory)
 
+    def table(self) -> dict:
+        """export.json's `weights`: where each tensor lies in the file, so a runtime can map the file
+        once and hand every session the same arrays (runtime.SharedWeights)."""
+        tensors = {name: {"offset": offset, "length": length, "dtype": dtype.numpy().name, "shape": list(shape)}
+                   for name, (offset, length, dtype, shape) in self.entries.items()}
+        return {"file": WEIGHTS_FILE, "tensors": tensors}
+
     def close(self) -> None:
         self.file.close()
 
@@ -185,14 +194,18 @@ def check_options(opset: int, dtype: str, max_seqlen: int) -> None:
 
 
 def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET, max_seqlen: int = DEFAULT_MAX_SEQLEN,
-                 batch_variants: bool = False, force: bool = False, external_data: bool | None = None,
-                 log: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a loaded hnet_torch model (its dtype is the export dtype) to `out_dir`."""
+                 batch_variants: bool = True, force: bool = False, external_data: bool | None = None,
+                 quantization: Quantization | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a loaded hnet_torch model (its dtype is the export dtype) to `out_dir`.
+    batch_variants also writes step_cond.onnx (the fastest step at batch 1 on CPU); quantization
+    makes the Linear weights int8/int4 (weights.Quantization)."""
     log = log or (lambda _msg: None)
     dtype = {torch.float32: "float32", torch.float16: "float16"}.get(model.embeddings.weight.dtype)
     if dtype is None:
         raise HNetError(f"ONNX export supports float32 and float16 weights, got {model.embeddings.weight.dtype}")
     check_options(opset, dtype, max_seqlen)
+    if quantization is not None:
+        check_quantization(quantization.kind, quantization.block_size, dtype)
     config: HNetConfig = model.config
     model = model.eval()
     weight_names = {k for k, v in model.state_dict().items() if v.numel() * v.element_size() >= 1024}
@@ -207,6 +220,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     start = time.perf_counter()
     result = ExportResult(os.path.abspath(out_dir), external_data=external_data)
     io_table: dict = {}
+    linear = LinearWeights(quantization)
     with io.atomic_directory(out_dir, force=force) as tmp:
         shared = _SharedWeights(tmp) if external_data else None
         try:
@@ -216,8 +230,10 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
                 with torch.no_grad():
                     # The graph modules hold the model as `.model`, so weights are named `model.<param>`.
                     onnx_model = _trace(module, inputs, outputs, opset, {"prefill": None, "extend": 2, "step": 1}[kind])
+                linear.rewrite(onnx_model)
                 if shared is not None:
-                    shared.externalize(onnx_model, {"model." + n for n in weight_names})
+                    shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
+                    linear.release()
                 onnx_model.producer_name = "hnet-mlx"
                 _save(onnx_model, os.path.join(tmp, name + ".onnx"))
                 io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
@@ -233,6 +249,9 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
             "graphs": {name: name + ".onnx" for name, _, _ in graphs},
             "step_variants": {"step": "where", **({"step_cond": "cond"} if batch_variants else {})},
             "external_data": WEIGHTS_FILE if external_data else None,
+            # Linear weights: W.T (in, out) float32 MatMul weights, or MatMulNBits blocks (weights.py).
+            "quantization": None if quantization is None else {**quantization.to_dict(), **linear.report()},
+            "weights": shared.table() if shared is not None else None,
             "num_stages": config.num_stages,
             "parameters": sum(p.numel() for p in model.parameters()),
             "exporter": _versions(),
@@ -244,17 +263,67 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     return result
 
 
+def quantize_export(src_dir: str, out_dir: str, quantization: Quantization, force: bool = False,
+                    log: Callable[[str], None] | None = None) -> ExportResult:
+    """Write a quantized copy of a float32 export (no tracing: the graphs are read, their Linear
+    MatMuls rewritten, and saved with the same io.json). `hnet export onnx --model <export dir>
+    --quantize int4` runs this; it gives the same graphs as exporting the checkpoint with --quantize."""
+    log = log or (lambda _msg: None)
+    meta = json.load(open(os.path.join(src_dir, "export.json"), encoding="utf-8"))
+    if meta.get("quantization") or meta.get("dtype") != "float32":
+        raise HNetError(f"{src_dir} is not a float32 export (dtype {meta.get('dtype')}, quantization "
+                        f"{(meta.get('quantization') or {}).get('kind')}); quantize a float32 export or the checkpoint")
+    check_quantization(quantization.kind, quantization.block_size, meta["dtype"])
+    start = time.perf_counter()
+    external_data = bool(meta.get("external_data"))
+    result = ExportResult(os.path.abspath(out_dir), external_data=external_data)
+    linear = LinearWeights(quantization)
+    with io.atomic_directory(out_dir, force=force) as tmp:
+        shared = _SharedWeights(tmp) if external_data else None
+        try:
+            for file in meta["graphs"].values():
+                log(f"quantizing {file} ...")
+                model = ir.load(os.path.join(src_dir, file))
+                external = {v.name for v in model.graph.initializers.values()
+                            if isinstance(v.const_value, ir.ExternalTensor)}
+                linear.rewrite(model)
+                if shared is not None:
+                    shared.externalize(model, external | linear.names)
+                    linear.release()
+                _save(model, os.path.join(tmp, file))
+        finally:
+            if shared is not None:
+                shared.close()
+        for file in (io.CONFIG_NAME, "io.json"):
+            with open(os.path.join(src_dir, file), encoding="utf-8") as f:
+                io.atomic_write_text(os.path.join(tmp, file), f.read())
+        meta.update(quantization={**quantization.to_dict(), **linear.report()},
+                    weights=shared.table() if shared is not None else None, exporter=_versions())
+        io.atomic_write_text(os.path.join(tmp, "export.json"), json.dumps(meta, indent=2) + "\n")
+        result.files = {f: os.path.getsize(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    result.seconds = time.perf_counter() - start
+    return result
+
+
 def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset: int = DEFAULT_OPSET,
-                dtype: str = "float32", max_seqlen: int = DEFAULT_MAX_SEQLEN, batch_variants: bool = False,
-                force: bool = False, external_data: bool | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
-    """Load a checkpoint (official .pt or model directory) and export it; see the module docstring."""
+                dtype: str = "float32", max_seqlen: int = DEFAULT_MAX_SEQLEN, batch_variants: bool = True,
+                force: bool = False, external_data: bool | None = None, quantize: str | None = None,
+                block_size: int | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Load a checkpoint (official .pt or model directory) and export it; see the module docstring.
+    model_path may also be a float32 export directory, with quantize: see quantize_export."""
     check_options(opset, dtype, max_seqlen)
+    quantization = check_quantization(quantize, block_size, dtype)
     io.check_output_path(out_dir, "output directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise HNetError(f"output path {out_dir} exists and is not a directory; choose another path")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         # Checked before the slow part too (atomic_directory checks again before writing).
         raise HNetError(f"output directory {out_dir} already exists and is not empty; pass --force to overwrite it")
+    if os.path.exists(os.path.join(model_path, "export.json")):
+        if quantization is None:
+            raise HNetError(f"{model_path} is already an ONNX export; pass --quantize int8|int4 to quantize it, "
+                            "or give a checkpoint")
+        return quantize_export(model_path, out_dir, quantization, force=force, log=log)
     model = load_pretrained(model_path, config=config, dtype=dtype)
     return export_model(model, out_dir, opset=opset, max_seqlen=max_seqlen, batch_variants=batch_variants, force=force,
-                        external_data=external_data, log=log)
+                        external_data=external_data, quantization=quantization, log=log)

@@ -6,9 +6,17 @@
     out = m.extend(piece_ids, piece_mask)           # continue the live states with a piece (any length)
     out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
 
-The recurrent states (see io.json) stay inside the object between calls. On CUDA
-(onnxruntime-gpu) they stay on the device through I/O binding and only the logits and routing
-outputs come back to the host. Global attention caches are buffers of `capacity` slots that grow
+Every session of one OnnxHNet (prefill, step, step_cond) uses the same copy of the weights: the
+export's weights file is mapped once and its tensors are handed to each session with
+SessionOptions.add_initializer (onnxruntime then neither reads nor copies them). The CPU
+provider's weight pre-packing gives each session a private re-laid-out copy, so by default only
+the step graphs of a float export pre-pack (a matrix-vector product per byte is ~1.5x slower on
+unpacked weights; prefill multiplies many rows and packs as it goes); prepack=False keeps one
+copy in all (see OnnxHNet and bench/bench_onnx_quant.py).
+
+The recurrent states (see io.json) stay inside the object between calls. On CUDA (onnxruntime-gpu)
+they stay on the device through I/O binding and only the logits and routing outputs come back to
+the host. Global attention caches are buffers of `capacity` slots that grow
 (doubling) as decoding goes on, up to the export's max_seqlen.
 """
 
@@ -66,13 +74,42 @@ def _providers(provider: str) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
+class SharedWeights:
+    """The export's weights file (export.json `weights`: file, and per tensor its offset, length,
+    dtype and shape) mapped read-only once, as OrtValues every session is given instead of reading
+    the file itself. The pages are the file's (page cache), so the process holds one copy no
+    matter how many sessions use them."""
+
+    def __init__(self, directory: str, table: dict):
+        path = os.path.join(directory, table["file"])
+        if not os.path.exists(path):
+            raise HNetError(f"{path} not found; re-export the model with `hnet export onnx`")
+        self.buffer = np.memmap(path, dtype=np.uint8, mode="r")
+        self.values: dict[str, ort.OrtValue] = {}
+        for name, t in table["tensors"].items():
+            end = t["offset"] + t["length"]
+            if end > self.buffer.size:
+                raise HNetError(f"{path} is shorter than export.json says (truncated?); re-export the model")
+            array = self.buffer[t["offset"] : end].view(np.dtype(t["dtype"])).reshape(t["shape"])
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)  # no copy; keeps `array` alive
+
+    def add_to(self, options: ort.SessionOptions) -> None:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
+
+
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
-                 step_variant: str = "auto", io_binding: bool | None = None):
+                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
+                 prepack: bool | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
-        levels only when some sample is at a boundary; needs an export with --batch-variants) or
-        "auto" (cond at batch 1 on CPU when exported, else where). io_binding: keep states in
-        onnxruntime-owned buffers between steps (default: on for CUDA)."""
+        levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
+        "auto" (cond at batch 1 on CPU for float exports, else where). io_binding: keep states in
+        onnxruntime-owned buffers between steps (default: on for CUDA). share_weights: give all
+        sessions the one mapped copy of an external weights file (default; False lets each session
+        load its own, as before). prepack: let the CPU provider re-lay weights out per session:
+        True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
+        None (default) in the step graphs of float exports and in every graph of quantized ones."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
@@ -92,17 +129,18 @@ class OnnxHNet:
         self.num_stages = self.config.num_stages
         providers, self.device = _providers(provider)
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self._options, self._providers = options, providers
+        self.quantization = self.meta.get("quantization")
+        table = self.meta.get("weights")
+        self.shared_weights = SharedWeights(path, table) if share_weights and table else None
+        self.prepack = prepack
+        self._threads, self._providers = threads, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
         for file in self.meta["graphs"].values():
             if not os.path.exists(os.path.join(path, file)):
                 raise HNetError(f"{os.path.join(path, file)} not found; re-export the model with `hnet export onnx`")
         if step_variant == "cond" and "step_cond" not in self.meta["graphs"]:
-            raise HNetError("this export has no step_cond.onnx; re-export with --batch-variants or use step_variant='where'")
+            raise HNetError("this export has no step_cond.onnx (exported with --no-batch-variants); re-export without "
+                           "it or use step_variant='where'")
         self._session("prefill")  # loads now, so a broken export fails here; step graphs load on first use
         self.step_variant = step_variant
         self._step_specs = {s["name"]: s for s in self.io["step"]["inputs"]}
@@ -116,13 +154,30 @@ class OnnxHNet:
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def _session_options(self, name: str) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
+        if self._threads:
+            options.intra_op_num_threads = int(self._threads)
+        prepack = self.prepack
+        if prepack is None:
+            prepack = self.quantization is not None or name != "prefill"
+        if not prepack:
+            # Pre-packing copies every MatMul weight into a kernel-specific layout owned by the
+            # session: one more copy of the model per session.
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.shared_weights is not None:
+            self.shared_weights.add_to(options)
+        return options
+
     def _session(self, name: str) -> ort.InferenceSession:
-        """The onnxruntime session of one graph, created on first use (each holds its own copy of
-        the weights, so a step variant that is never used costs no memory)."""
+        """The onnxruntime session of one graph, created on first use (a step variant that is never
+        used costs no load time)."""
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
-                self.sessions[name] = ort.InferenceSession(graph_path, self._options, providers=self._providers)
+                options = self._session_options(name)
+                self.sessions[name] = ort.InferenceSession(graph_path, options, providers=self._providers)
             except Exception as e:  # a truncated file, missing weights, an opset the runtime lacks
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise HNetError(f"onnxruntime cannot load {graph_path}: {reason}") from None
@@ -214,7 +269,11 @@ class OnnxHNet:
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
         if variant == "auto":
-            variant = "cond" if ("step_cond" in self.meta["graphs"] and self._batch == 1 and self.device == "cpu") else "where"
+            # Quantized exports decode faster with step.onnx: inside the If of step_cond.onnx the CPU
+            # provider's MatMulNBits runs 2-3x slower than the whole step.onnx (measured with
+            # onnxruntime 1.32; moving its weights into the subgraph does not help; cause not found).
+            cond = "step_cond" in self.meta["graphs"] and self.quantization is None
+            variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
         return self._session("step_cond" if variant == "cond" else "step")
 
     def extend(self, input_ids, mask=None, capacity: int | None = None) -> OnnxOutput:

@@ -28,7 +28,8 @@ def test_export_group_lists_the_onnx_command():
     assert result.exit_code == 0 and "onnx" in result.output
     result = run("--help")
     assert result.exit_code == 0
-    for flag in ("--model", "--config", "--out", "--opset", "--dtype", "--max-seqlen", "--batch-variants", "--force"):
+    for flag in ("--model", "--config", "--out", "--opset", "--dtype", "--max-seqlen", "--batch-variants", "--quantize",
+                 "--block-size", "--force"):
         assert flag in result.output
 
 
@@ -37,6 +38,11 @@ def test_export_group_lists_the_onnx_command():
     (["--model", MODEL, "--config", CONFIG, "--opset", "7"], "--opset must be between"),
     (["--model", MODEL, "--config", CONFIG, "--max-seqlen", "1"], "--max-seqlen must be at least 2"),
     (["--model", MODEL, "--config", "/nonexistent/config.json"], "config file not found"),
+    (["--model", MODEL, "--config", CONFIG, "--quantize", "int3"], "--quantize must be one of int8, int4"),
+    (["--model", MODEL, "--config", CONFIG, "--quantize", "int4", "--block-size", "24"], "--block-size for --quantize int4"),
+    (["--model", MODEL, "--config", CONFIG, "--quantize", "int8", "--block-size", "8"], "--block-size for --quantize int8"),
+    (["--model", MODEL, "--config", CONFIG, "--block-size", "32"], "--block-size only applies with --quantize"),
+    (["--model", MODEL, "--config", CONFIG, "--quantize", "int4", "--dtype", "float16"], "drop --dtype float16"),
 ])
 def test_bad_arguments_are_one_line_errors_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "out"
