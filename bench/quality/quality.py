@@ -77,9 +77,10 @@ def prepare(shared: str = SHARED, out: str = DATA) -> dict:
     sizes = {}
     for name, (fname, keep) in CORPORA.items():
         text = xz_read(os.path.join(shared, fname))
-        # An Info file ends with its tag table (node offsets, not text): the held-out tail is taken before it.
-        table = text.find(b"\x1f\nTag Table:")
-        text = text[:table] if table > 0 else text
+        # The Python docs (an Info file) end with ~4 MB of index pages and a tag table (lists of names and
+        # offsets, not text): the held-out tail is taken before the first index page.
+        index = text.find(b"\x1f\nFile: python3.11.info,  Node: Python Module Index,")
+        text = text[:index] if index > 0 else text
         cut = text.index(b"\n", len(text) - HELD_OUT_BYTES) + 1  # held-out tail starts at a line
         train, held = text[:cut], text[cut:]
         if keep is not None:
