@@ -87,7 +87,7 @@ def test_export_json_records_the_quantization_and_graphs_use_matmulnbits(exports
             "model.backbone.routing_module.q_proj_layer.weight", "model.backbone.routing_module.k_proj_layer.weight",
             "model.backbone.main_network.routing_module.q_proj_layer.weight",
             "model.backbone.main_network.routing_module.k_proj_layer.weight"}
-        assert meta["weights"]["file"] == WEIGHTS_FILE and set(meta["graphs"]) == {"prefill", "step", "step_cond"}
+        assert meta["weights"]["file"] == WEIGHTS_FILE and set(meta["graphs"]) == {"prefill", "extend", "step", "step_cond"}
         graph = onnx.load(os.path.join(dirs[kind], "step_cond.onnx"), load_external_data=False)
         ops = [n.op_type for n in graph.graph.node]
         assert "MatMulNBits" in ops
