@@ -8,7 +8,8 @@
 
 Data (`prepare`): the English corpora of ../shared/data (see its README for provenance and licences):
 Austen, Brown (detagged), Shakespeare, the Linux and Python documentation. The last 300 KB of each
-(cut at a line start) is held out; the Linux and Python docs contribute their first 8 MB / 6 MB to
+(cut at a line start; for the Python docs, the last 300 KB before their index pages) is held out; the
+Linux and Python docs contribute their first 8 MB / 6 MB to
 training (prose should dominate). The Canterbury texts (alice29, asyoulik, lcet10, plrabn12 as
 `canterbury_text4`) are never trained on and are scored as one more held-out set.
 
