@@ -140,6 +140,7 @@ class HNetForCausalLM(nn.Module):
 
     def _check_cache(self, cache: InferenceCache, batch_size: int) -> None:
         check_config(cache.config, self.config_dict)
+        cache.config = self.config_dict  # checked once: later steps take check_config's identity fast path
         if cache.batch_size != batch_size:
             raise HNetError(f"cache was allocated for batch size {cache.batch_size}, input has {batch_size}")
 

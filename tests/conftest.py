@@ -174,3 +174,14 @@ def wrong_modes(root, umask: int) -> list[str]:
         if mode != (want_dir if os.path.isdir(path) else want_file):
             bad.append(f"{os.path.relpath(path, root)} {oct(mode)}")
     return bad
+
+
+def greedy_bytes(generator) -> list[list[int]]:
+    """The bytes each sample generated, from any backend's stream_generate steps (None = sample finished)."""
+    rows: list[list[int]] = []
+    for step in generator:
+        rows = rows or [[] for _ in step.bytes]
+        for b, byte in enumerate(step.bytes):
+            if byte is not None:
+                rows[b].append(byte)
+    return rows

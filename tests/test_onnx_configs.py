@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import hnet_torch
+from conftest import greedy_bytes
 from hnet_core.sampling import SamplingParams
 from hnet_export import OnnxHNet, stream_generate
 from hnet_export.exporter import WEIGHTS_FILE
@@ -86,17 +87,8 @@ def test_greedy_generation_is_byte_identical_to_torch(exported):
     prompts = ["Hello there", "The spiral stairs every evening"]
     greedy = SamplingParams(temperature=0)
 
-    def collect(generator):
-        rows = []
-        for step in generator:
-            rows = rows or [[] for _ in step.bytes]
-            for b, byte in enumerate(step.bytes):
-                if byte is not None:
-                    rows[b].append(byte)
-        return rows
-
-    ours = collect(stream_generate(OnnxHNet(out_dir, provider="cpu", threads=1), prompts, max_tokens=40, sampling=greedy))
-    theirs = collect(hnet_torch.stream_generate(torch_model, prompts, max_tokens=40, sampling=greedy))
+    ours = greedy_bytes(stream_generate(OnnxHNet(out_dir, provider="cpu", threads=1), prompts, max_tokens=40, sampling=greedy))
+    theirs = greedy_bytes(hnet_torch.stream_generate(torch_model, prompts, max_tokens=40, sampling=greedy))
     assert ours == theirs and [len(r) for r in ours] == [40, 40]
 
 

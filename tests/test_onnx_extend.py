@@ -20,6 +20,7 @@ import torch
 from click.testing import CliRunner
 
 import hnet_torch
+from conftest import greedy_bytes
 from hnet_core.cli import main as hnet_main
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
@@ -144,18 +145,9 @@ def test_greedy_bytes_after_pieces_equal_torch(exported):
     prompts = ["Hello there, a longer prompt in pieces", "Hi"]
     greedy = SamplingParams(temperature=0)
 
-    def collect(generator):
-        rows = []
-        for step in generator:
-            rows = rows or [[] for _ in step.bytes]
-            for b, byte in enumerate(step.bytes):
-                if byte is not None:
-                    rows[b].append(byte)
-        return rows
-
-    theirs = collect(hnet_torch.stream_generate(torch_model, prompts, max_tokens=30, sampling=greedy))
+    theirs = greedy_bytes(hnet_torch.stream_generate(torch_model, prompts, max_tokens=30, sampling=greedy))
     for size in (1, 3, 7):
-        ours = collect(stream_generate(load(out_dir), prompts, max_tokens=30, sampling=greedy, prefill_step_size=size))
+        ours = greedy_bytes(stream_generate(load(out_dir), prompts, max_tokens=30, sampling=greedy, prefill_step_size=size))
         assert ours == theirs, size
 
 

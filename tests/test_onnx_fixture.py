@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import hnet_torch
-from conftest import FIXTURE_DIR, OFFICIAL_ONNX_MAX_SEQLEN, OFFICIAL_ONNX_UMASK, TEXT, wrong_modes
+from conftest import FIXTURE_DIR, OFFICIAL_ONNX_MAX_SEQLEN, OFFICIAL_ONNX_UMASK, TEXT, greedy_bytes, wrong_modes
 from hnet_core.cli import main as hnet_main
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
@@ -161,24 +161,14 @@ def test_exported_graphs_agree_with_torch(export_dir, torch_model, length, batch
         assert np.array_equal(out.routing[0].boundary_mask, ref.routing[0].boundary_mask.numpy()), k
 
 
-def _greedy_bytes(generator) -> list[list[int]]:
-    rows: list[list[int]] = []
-    for step in generator:
-        rows = rows or [[] for _ in step.bytes]
-        for b, byte in enumerate(step.bytes):
-            if byte is not None:
-                rows[b].append(byte)
-    return rows
-
-
 def test_greedy_generation_is_byte_identical_to_torch(export_dir, torch_model):
     prompts = ["The old lighthouse keeper", "From the top, he could"]
     greedy = SamplingParams(temperature=0)
-    ours = _greedy_bytes(stream_generate(load(export_dir), prompts, max_tokens=64, sampling=greedy))
-    theirs = _greedy_bytes(hnet_torch.stream_generate(torch_model, prompts, max_tokens=64, sampling=greedy))
+    ours = greedy_bytes(stream_generate(load(export_dir), prompts, max_tokens=64, sampling=greedy))
+    theirs = greedy_bytes(hnet_torch.stream_generate(torch_model, prompts, max_tokens=64, sampling=greedy))
     assert [len(r) for r in ours] == [64, 64]
     assert ours == theirs
-    single = _greedy_bytes(stream_generate(load(export_dir), prompts[0], max_tokens=64, sampling=greedy))
+    single = greedy_bytes(stream_generate(load(export_dir), prompts[0], max_tokens=64, sampling=greedy))
     assert single == theirs[:1]  # batch 1 runs step_cond.onnx
 
 
