@@ -78,6 +78,9 @@ def _add_options(func, base: dict):
                         help="Stop this session after that step (checkpoint saved; --resume continues the same schedule).")(func)
     func = click.option("--train-config", "train_config", default=None,
                         help="JSON file of training settings (flags override it).")(func)
+    func = click.option("--restart-data", "restart_data", is_flag=True, default=False,
+                        help="With --resume: keep weights, optimizer and schedule but start the data order afresh "
+                             "(to continue on changed training data).")(func)
     func = click.option("--resume", "resume", is_flag=False, flag_value="latest", default=None,
                         help="Continue the run in --out from its latest checkpoint (or from the checkpoint directory given).")(func)
     func = click.option("--out", "out", required=True, help="Run directory: checkpoints, metrics.jsonl, final model.")(func)

@@ -86,14 +86,20 @@ class RunPlan:
     start_step: int = 0
     resume_from: str | None = None
     resume_state: dict = field(default_factory=dict)
+    restart_data: bool = False  # resume weights/optimizer/schedule but start the data order afresh
 
 
-def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict) -> RunPlan:
+def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict,
+             restart_data: bool = False) -> RunPlan:
     """Decide fresh start vs resume and settle the configuration.
 
     `explicit` holds the settings given on the command line; when resuming, those must agree with
-    the saved run except the ones in RESUMABLE_CHANGES.
+    the saved run except the ones in RESUMABLE_CHANGES. `restart_data` (with a resume) keeps the
+    weights, optimizer and schedule but starts the data order at its beginning: the saved position
+    only means something for the same bytes, so this is how a run continues on changed data.
     """
+    if restart_data and resume is None:
+        raise HNetError("--restart-data only applies with --resume (a fresh run starts its data order anyway)")
     io.check_output_path(out, "run directory")  # before any work: a file in the way, no permission
     cfg_path = os.path.join(out, ckpt.TRAIN_CONFIG_NAME)
     if resume is None:
@@ -112,7 +118,7 @@ def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict) 
                             f"{saved_dict[key]}; drop the flag (only {', '.join(RESUMABLE_CHANGES)} may change)")
         changes[key] = value
     state = ckpt.read_state(path)
-    return RunPlan(out, saved.replace(**changes) if changes else saved, int(state["step"]), path, state)
+    return RunPlan(out, saved.replace(**changes) if changes else saved, int(state["step"]), path, state, restart_data)
 
 
 def load_data(path: str, config: TrainConfig):
@@ -278,7 +284,8 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
     step = plan.start_step
     if plan.resume_from is not None:
         backend.load(plan.resume_from, plan.resume_state)
-        sampler.load_state_dict(plan.resume_state["data"])
+        if not plan.restart_data:
+            sampler.load_state_dict(plan.resume_state["data"])
         log.truncate_after(step)
     val_batches = eval_batches(val, cfg.seq_len, max(cfg.batch_size // backend.world, 1), cfg.eval_bytes, cfg.packing)
     last_saved = plan.resume_from

@@ -218,10 +218,10 @@ def new_model(config_path: str, seed: int) -> HNetForCausalLM:
 
 def run(model_fn, data: str, out: str, train_config: TrainConfig, resume: str | None, explicit: dict,
         lora: dict | None = None, show_progress: bool = True, stop_at: int | None = None,
-        time_limit: float | None = None, kernels: str | None = None) -> str:
+        time_limit: float | None = None, kernels: str | None = None, restart_data: bool = False) -> str:
     """Plan, load data, build the model (model_fn(resume_dir) -> model), train."""
     group = init_distributed()
-    plan = train_loop.plan_run(out, train_config, resume, explicit)
+    plan = train_loop.plan_run(out, train_config, resume, explicit, restart_data)
     if plan.resume_from is not None and lora is None and "lora" in plan.resume_state:
         lora = plan.resume_state["lora"]
     sampler, val = train_loop.load_data(data, plan.config)
@@ -300,11 +300,11 @@ def _with_common(f):
 @train_options(TRAIN_DEFAULTS)
 @_with_common
 @click.pass_context
-def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kernels, **options):
+def train_command(ctx, config_path, data, out, resume, restart_data, stop_at, time_limit, kernels, **options):
     """Train an H-Net from scratch with MLX."""
     cfg, explicit = config_from_options(ctx, options, TRAIN_DEFAULTS)
     train(config_path, data, out, cfg, resume=resume, explicit=explicit, stop_at=stop_at, time_limit=time_limit,
-          kernels=kernels)
+          kernels=kernels, restart_data=restart_data)
 
 
 @click.command("finetune")
@@ -317,9 +317,10 @@ def train_command(ctx, config_path, data, out, resume, stop_at, time_limit, kern
 @click.option("--lora-scale", type=float, default=2.0, show_default=True, help="LoRA scale (alpha / rank).")
 @_with_common
 @click.pass_context
-def finetune_command(ctx, model_path, data, out, resume, stop_at, time_limit, lora, lora_rank, lora_layers, lora_scale,
-                     kernels, **options):
+def finetune_command(ctx, model_path, data, out, resume, restart_data, stop_at, time_limit, lora, lora_rank,
+                     lora_layers, lora_scale, kernels, **options):
     """Fine-tune a model with MLX: all weights, or LoRA adapters (--lora)."""
     cfg, explicit = config_from_options(ctx, options, FINETUNE_DEFAULTS)
     finetune(model_path, data, out, cfg, resume=resume, explicit=explicit, lora_rank=lora_rank if lora else None,
-             lora_layers=lora_layers, lora_scale=lora_scale, stop_at=stop_at, time_limit=time_limit, kernels=kernels)
+             lora_layers=lora_layers, lora_scale=lora_scale, stop_at=stop_at, time_limit=time_limit, kernels=kernels,
+             restart_data=restart_data)

@@ -331,13 +331,13 @@ def build_model(config_path: str | None, model_path: str | None, resume_dir: str
 def train(config_path: str | None, model_path: str | None, data: str, out: str, train_config: TrainConfig,
           resume: str | None = None, explicit: dict | None = None, device: str | None = None, fsdp: bool = False,
           kernels: str = "auto", show_progress: bool = True, stop_at: int | None = None,
-          time_limit: float | None = None, compile: str = "auto") -> str:
+          time_limit: float | None = None, compile: str = "auto", restart_data: bool = False) -> str:
     """Run (or resume) a training run; returns the final model directory (or the checkpoint on Ctrl-C)."""
     if resume is None and (config_path is None) == (model_path is None):
         raise HNetError("give --config CONFIG.json to train from scratch or --model DIR to fine-tune (one of them)")
     rank, world, dev = init_distributed(device)
     try:
-        plan = train_loop.plan_run(out, train_config, resume, explicit or {})
+        plan = train_loop.plan_run(out, train_config, resume, explicit or {}, restart_data)
         sampler, val = train_loop.load_data(data, plan.config)
         model = build_model(config_path, model_path, plan.resume_from, plan.config.seed)
         backend = TorchBackend(model, plan.config, dev, rank, world, fsdp=fsdp, kernels=kernels, compile=compile)
@@ -361,8 +361,8 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
               help="torch.compile the model's blocks (auto: on CUDA only).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.pass_context
-def train_command(ctx, config_path, model_path, data, out, resume, stop_at, time_limit, device, fsdp, kernels,
-                  compile_, threads, **options):
+def train_command(ctx, config_path, model_path, data, out, resume, restart_data, stop_at, time_limit, device, fsdp,
+                  kernels, compile_, threads, **options):
     """Train an H-Net from scratch (--config) or fine-tune one (--model) in PyTorch."""
     from .kernels import parse_plan
 
@@ -377,7 +377,7 @@ def train_command(ctx, config_path, model_path, data, out, resume, stop_at, time
     if threads is not None:
         torch.set_num_threads(threads)
     train(config_path, model_path, data, out, cfg, resume=resume, explicit=explicit, device=device, fsdp=fsdp,
-          kernels=kernels, stop_at=stop_at, time_limit=time_limit, compile=compile_)
+          kernels=kernels, stop_at=stop_at, time_limit=time_limit, compile=compile_, restart_data=restart_data)
 
 
 def main(argv: list[str] | None = None) -> None:

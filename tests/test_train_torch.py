@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from hnet_core import checkpoint as ckpt
-from hnet_core.data import BatchSampler, frame
+from hnet_core.data import BatchSampler, frame, load_tokens
 from hnet_core.errors import HNetError
 from hnet_core.metrics import read_metrics
 from hnet_torch import HNetForCausalLM, hnet_loss, load_pretrained
@@ -128,6 +128,31 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     la = [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
     lb = [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")]
     assert len(la) == len(lb) == 20 and np.allclose(la, lb, atol=1e-6)
+
+
+def test_restart_data_resumes_a_run_on_changed_data_from_its_weights(tmp_path):
+    """After the training text changes, a plain --resume is refused (the saved position names other
+    bytes); --restart-data keeps step, weights and optimizer and starts the new data's order at 0."""
+    cfg, data, tc = tiny_run(tmp_path, steps=6, save_every=3)
+    out = str(tmp_path / "run")
+    train(cfg, None, data, out, tc, stop_at=3, show_progress=False)
+    saved = load_pretrained(ckpt.list_checkpoints(out)[-1][1]).state_dict()
+    with open(data, "a") as f:
+        f.write(TEXT.replace("\n", "\r\n"))
+    with pytest.raises(HNetError, match="cannot resume: the data position"):
+        train(None, None, data, out, tc, resume="latest", show_progress=False)
+    with pytest.raises(HNetError, match="only applies with --resume"):
+        train(cfg, None, data, str(tmp_path / "fresh"), tc, restart_data=True, show_progress=False)
+    train(None, None, data, out, tc, resume="latest", restart_data=True, show_progress=False)
+    steps = [r["step"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    state = ckpt.read_state(ckpt.list_checkpoints(out)[-1][1])
+    fresh = BatchSampler(load_tokens(data), tc.seq_len, tc.batch_size, tc.seed)
+    for _ in range(3):
+        fresh.next_samples()
+    assert state["step"] == 6 and state["data"] == fresh.state_dict()
+    moved = final_state(out)
+    assert any(not torch.equal(saved[k], moved[k]) for k in saved)
 
 
 def test_checkpoints_load_as_models_and_only_the_last_k_are_kept(tmp_path):

@@ -10,7 +10,8 @@ Data (`prepare`): the English corpora of ../shared/data (see its README for prov
 Austen, Brown (detagged), Shakespeare, the Linux and Python documentation. The last 300 KB of each
 (cut at a line start; for the Python docs, the last 300 KB before their index pages) is held out; the
 Linux and Python docs contribute their first 8 MB / 6 MB to
-training (prose should dominate). The Canterbury texts (alice29, asyoulik, lcet10, plrabn12 as
+training (prose should dominate). Every 4th block of 64 KB of training text is written with CRLF line ends
+(`with_some_crlf`: the Canterbury texts use them; the training corpora do not); held-out text is unchanged. The Canterbury texts (alice29, asyoulik, lcet10, plrabn12 as
 `canterbury_text4`) are never trained on and are scored as one more held-out set.
 
 The comparison (`train`, `report`) trains three models with the same trainer, data order, steps,
@@ -53,6 +54,10 @@ CORPORA = {
     "python_docs": ("python311_docs.info.txt.xz", 6_000_000),
 }
 EVAL_ONLY = {"canterbury_text4": "canterbury_text4.txt.xz"}
+# Every CRLF_EVERY-th block of CRLF_BLOCK bytes (cut at line starts) of the training text gets CRLF line ends:
+# the Canterbury texts (and much text in the wild) end lines with "\r\n", which our corpora never do, and a
+# model that never saw "\r" pays ~10 bits for each one. Blocks of 64 KB keep most 1 KB windows in one style.
+CRLF_BLOCK, CRLF_EVERY = 65_536, 4
 TRAIN_FLAGS = ["--batch-size", "4", "--seq-len", "1024", "--lr", "2e-3", "--warmup", "200", "--schedule", "wsd",
                "--decay-fraction", "0.2", "--val-fraction", "0.01", "--eval-bytes", "65536"]
 PUNCT = set(b" \t\n\r\f\v!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -73,6 +78,18 @@ def write(path: str, data: bytes) -> None:
 # -- data -------------------------------------------------------------------------------------------
 
 
+def with_some_crlf(text: bytes, block: int = CRLF_BLOCK, every: int = CRLF_EVERY) -> bytes:
+    """`text` with every `every`-th block of about `block` bytes (cut after a newline) written with CRLF."""
+    parts, start, index = [], 0, 0
+    while start < len(text):
+        end = text.find(b"\n", start + block)
+        end = len(text) if end < 0 else end + 1
+        piece = text[start:end]
+        parts.append(piece.replace(b"\n", b"\r\n") if index % every == every - 1 else piece)
+        start, index = end, index + 1
+    return b"".join(parts)
+
+
 def prepare(shared: str = SHARED, out: str = DATA) -> dict:
     """train/NAME.txt and heldout/NAME.txt per corpus; heldout/canterbury_text4.txt. Returns byte counts."""
     sizes = {}
@@ -87,6 +104,7 @@ def prepare(shared: str = SHARED, out: str = DATA) -> dict:
         if keep is not None:
             train = train[:keep]
             train = train[: train.rindex(b"\n") + 1]
+        train = with_some_crlf(train)
         write(os.path.join(out, "train", name + ".txt"), train)
         write(os.path.join(out, "heldout", name + ".txt"), held)
         sizes[name] = {"train": len(train), "heldout": len(held)}
