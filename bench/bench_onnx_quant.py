@@ -10,10 +10,11 @@ in its own process (so its peak RSS is its own): load, generate 64 bytes greedil
 (peak RSS "load + 64 bytes"), then teacher-forced decode of --decode-bytes bytes of English at
 batch 1 (the runtime's choice: step_cond) and at batch --batch (step), bytes/s counting every
 sample's bytes. torch eager decodes the same text in the parent for the ratio. "private" is the
-runtime before sharing: every session loads and pre-packs its own copy of the weights.
+runtime before sharing: every session loads and pre-packs its own copy of the weights; "shared" gives
+quantized sessions the one mapped file (their default is not to: see OnnxHNet's share_weights).
 
-Quality: the bundled model (hnet_core/demo_model, trained on Austen) exported float32 / int8 /
-int4, bits per byte over --quality-bytes of held-out text (Brown corpus) in windows of 1024, and
+Quality: the bundled model (hnet_core/demo_model) exported float32 / int8 / int4, bits per byte over
+--quality-bytes of the Brown corpus's held-out tail (bench/quality keeps it out of training) in windows of 1024, and
 the share of stage-0 boundary decisions that differ from float32; also int4 with the encoders
 quantized too (the default keeps them float) or only the stage-0 one float, to see which
 quantization moves the boundaries.
@@ -44,10 +45,11 @@ MEDIUM_1STAGE = {
     "tie_embeddings": False,
 }
 KINDS = ("float32", "int8", "int4")
-# (label, kind, share_weights, prepack): the runtime's default for each kind, and "private" (before).
-CONFIGS = [("float32", "float32", True, None), ("float32 private", "float32", False, True),
-           ("float32 no prepack", "float32", True, False), ("int8", "int8", True, None),
-           ("int8 private", "int8", False, True), ("int4", "int4", True, None), ("int4 private", "int4", False, True)]
+# (label, kind, share_weights, prepack), None = the runtime's default: the default for each kind, "private"
+# (every session loads and pre-packs its own copy: the runtime before sharing) and "shared" (one mapping).
+CONFIGS = [("float32", "float32", None, None), ("float32 private", "float32", False, True),
+           ("float32 no prepack", "float32", None, False), ("int8", "int8", None, None),
+           ("int8 shared", "int8", True, None), ("int4", "int4", None, None), ("int4 shared", "int4", True, None)]
 
 
 def english(n: int, offset: int = 10_000) -> bytes:
@@ -99,9 +101,9 @@ def child(argv: list[str]) -> None:
         from hnet_core.tokenizer import encode
         from hnet_export import OnnxHNet, stream_generate
 
-        path, threads, share, prepack, batch, steps = argv[1], int(argv[2]), argv[3] == "1", argv[4], int(argv[5]), int(argv[6])
+        path, threads, share, prepack, batch, steps = argv[1], int(argv[2]), argv[3], argv[4], int(argv[5]), int(argv[6])
         t0 = time.perf_counter()
-        model = OnnxHNet(path, provider="cpu", threads=threads, share_weights=share,
+        model = OnnxHNet(path, provider="cpu", threads=threads, share_weights=None if share == "auto" else share == "1",
                          prepack=None if prepack == "auto" else prepack == "1")
         for _ in stream_generate(model, ["The old lighthouse keeper"], max_tokens=64,
                                  sampling=SamplingParams(temperature=0)):
@@ -177,7 +179,8 @@ def speed(args, results: dict, save) -> None:
         for label, kind, share, prepack in CONFIGS:
             if label not in entry:
                 print(f"{name}: {label}", flush=True)
-                entry[label] = run_child("decode", os.path.join(base, kind), args.threads, int(share),
+                entry[label] = run_child("decode", os.path.join(base, kind), args.threads,
+                                         "auto" if share is None else int(share),
                                          "auto" if prepack is None else int(prepack), args.batch, args.decode_bytes)
                 save()
 
@@ -212,10 +215,14 @@ def quality(args, results: dict, save) -> None:
                 "int4, only the stage-0 encoder float": Quantization("int4", args.block_size,
                                                                      keep_float=KEEP_FLOAT + ("model.backbone.encoder.",)),
                 "int4 block 128": Quantization("int4", 128)}
+    # The Brown corpus's last 300 KB (from a line start), which bench/quality holds out of the bundled
+    # model's training data.
     held_out = os.path.join(DATA, "brown_detagged.txt.xz")
     with lzma.open(held_out) as f:
-        text = f.read(50_000 + args.quality_bytes)[50_000:]
-    entry = results.setdefault("quality", {"text": f"{os.path.basename(held_out)}, {len(text)} bytes"})
+        full = f.read()
+    start = full.index(b"\n", len(full) - 300_000) + 1
+    text = full[start : start + args.quality_bytes]
+    entry = results.setdefault("quality", {"text": f"{os.path.basename(held_out)}, {len(text)} bytes of its held-out tail"})
     ref = None
     for label in ("float32", *variants):
         path = fp32 if label == "float32" else os.path.join(base, label.replace(" ", "_").replace(",", ""))
@@ -261,7 +268,7 @@ def print_tables(results: dict, args) -> None:
         print(f"| {name} | {' / '.join(f'{s / 1e9:.2f}' for s in sizes)} | " + " | ".join(cells) + " |")
     q = results.get("quality")
     if q:
-        print(f"\nQuality of the bundled model (trained on Austen) on held-out {q['text']}:\n")
+        print(f"\nQuality of the bundled model on {q['text']}:\n")
         print("| export | bits per byte | vs float32 | stage-0 boundary rate | boundary decisions differing | MB on disk |")
         print("|---|---|---|---|---|---|")
         for label, r in q.items():

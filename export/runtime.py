@@ -100,14 +100,17 @@ class SharedWeights:
 
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
-                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
+                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool | None = None,
                  prepack: bool | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
         levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
-        "auto" (cond at batch 1 on CPU for float exports, else where). io_binding: keep states in
-        onnxruntime-owned buffers between steps (default: on for CUDA). share_weights: give all
-        sessions the one mapped copy of an external weights file (default; False lets each session
-        load its own, as before). prepack: let the CPU provider re-lay weights out per session:
+        "auto" (cond at batch 1 on CPU, else where). io_binding: keep states in onnxruntime-owned
+        buffers between steps (default: on for CUDA). share_weights: give all sessions the one mapped
+        copy of an external weights file; False lets each session load its own; None (default) shares
+        unless the export is quantized and pre-packed: then every session re-lays MatMulNBits weights
+        out in its own buffer and frees what it loaded, while a shared mapping would stay resident
+        beside those copies (measured on hnet_1stage_L int8: 2.8 GB shared, 2.2 GB not).
+        prepack: let the CPU provider re-lay weights out per session:
         True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
         None (default) in the step graphs of float exports and in every graph of quantized ones."""
         path = os.fspath(path)
@@ -131,6 +134,8 @@ class OnnxHNet:
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.quantization = self.meta.get("quantization")
         table = self.meta.get("weights")
+        if share_weights is None:
+            share_weights = self.quantization is None or prepack is False
         self.shared_weights = SharedWeights(path, table) if share_weights and table else None
         self.prepack = prepack
         self._threads, self._providers = threads, providers
@@ -269,10 +274,11 @@ class OnnxHNet:
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
         if variant == "auto":
-            # Quantized exports decode faster with step.onnx: inside the If of step_cond.onnx the CPU
-            # provider's MatMulNBits runs 2-3x slower than the whole step.onnx (measured with
-            # onnxruntime 1.32; moving its weights into the subgraph does not help; cause not found).
-            cond = "step_cond" in self.meta["graphs"] and self.quantization is None
+            # At batch 1 on CPU the If of step_cond.onnx skips the inner levels off-boundary, float or
+            # quantized alike (bench/bench_onnx_quant.py, onnxruntime 1.32: 1.8x step.onnx for int8 and
+            # int4 on the hnet_1stage_L shape). At batch > 1 some sample is nearly always at a boundary,
+            # and on CUDA the If would synchronise with the host every byte.
+            cond = "step_cond" in self.meta["graphs"]
             variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
         return self._session("step_cond" if variant == "cond" else "step")
 

@@ -119,12 +119,23 @@ def test_quantized_logits_and_boundaries_stay_close_to_float32(exports, kind, va
 def test_quantized_exports_generate_at_batch_1_and_2(exports, kind):
     dirs, _ = exports
     greedy = SamplingParams(temperature=0)
-    for prompts in (["Hello there"], ["Hello there", "The spiral stairs"]):
+    for prompts, graph in ((["Hello there"], "step_cond"), (["Hello there", "The spiral stairs"], "step")):
         model = OnnxHNet(dirs[kind], provider="cpu", threads=1)
         steps = list(stream_generate(model, prompts, max_tokens=12, sampling=greedy))
         assert len(steps) == 12 and all(len(s.bytes) == len(prompts) for s in steps)
-        # step.onnx even at batch 1: MatMulNBits inside step_cond's If is slow (runtime.py).
-        assert "step" in model.sessions and "step_cond" not in model.sessions
+        # The runtime's choice, as for float exports: step_cond at batch 1 on CPU, step.onnx above.
+        other = "step" if graph == "step_cond" else "step_cond"
+        assert graph in model.sessions and other not in model.sessions
+        # Pre-packed MatMulNBits sessions keep their own packed copies: no shared mapping by default.
+        assert model.shared_weights is None
+
+
+def test_float_exports_share_one_mapping_and_quantized_ones_only_when_not_prepacked(exports):
+    dirs, _ = exports
+    assert OnnxHNet(dirs["float32"], provider="cpu", threads=1).shared_weights is not None
+    assert OnnxHNet(dirs["int8"], provider="cpu", threads=1).shared_weights is None
+    assert OnnxHNet(dirs["int8"], provider="cpu", threads=1, prepack=False).shared_weights is not None
+    assert OnnxHNet(dirs["int4"], provider="cpu", threads=1, share_weights=True).shared_weights is not None
 
 
 _GROWTH = """
