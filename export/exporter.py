@@ -38,6 +38,7 @@ from hnet_core.errors import HNetError
 from hnet_torch.lm import HNetForCausalLM
 from hnet_torch.loading import load_pretrained
 
+from . import subgraphs
 from .graph import ExtendGraph, PrefillGraph, StepGraph
 from .layout import BATCH, KV_SLOTS, LENGTH, TensorSpec, graph_io
 from .weights import LinearWeights, Quantization, check_quantization
@@ -162,6 +163,7 @@ class _SharedWeights:
 
 def _save(model: ir.Model, path: str) -> None:
     proto = ir.serde.serialize_model(model)
+    subgraphs.push_down(proto.graph)  # If-branch weights where the CPU provider pre-packs them
     onnx.save_model(proto, path)
     # full_check adds strict shape inference; given a path it also reads external data and > 2 GB.
     onnx.checker.check_model(path, full_check=True)
@@ -284,6 +286,7 @@ def quantize_export(src_dir: str, out_dir: str, quantization: Quantization, forc
             for file in meta["graphs"].values():
                 log(f"quantizing {file} ...")
                 model = ir.load(os.path.join(src_dir, file))
+                subgraphs.hoist(model)  # every weight in the main graph, where rewrite and externalize look
                 external = {v.name for v in model.graph.initializers.values()
                             if isinstance(v.const_value, ir.ExternalTensor)}
                 linear.rewrite(model)

@@ -115,6 +115,37 @@ def test_quantized_logits_and_boundaries_stay_close_to_float32(exports, kind, va
         assert changed <= BOUNDARY_DISAGREEMENT[kind] * max(1, sum(a.size for a in ref_inner))
 
 
+def _branches(graph):
+    return [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+
+
+def _read_inside(graph) -> set[str]:
+    names = set()
+    for sub in _branches(graph):
+        names |= {i for n in sub.node for i in n.input} | _read_inside(sub)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
+def test_if_branch_weights_live_in_the_branch_that_reads_them(exports, kind):
+    """The CPU provider pre-packs only a graph's own initializers: a MatMulNBits in step_cond's If
+    reading outer-scope weights ran 2-3x slower. The main graph keeps only what its own nodes read;
+    the inner levels' weights (quantized ones included, after quantizing a float export whose weights
+    were already pushed down) sit in the branches, down to the nested If of the innermost level."""
+    dirs, _ = exports
+    graph = onnx.load(os.path.join(dirs[kind], "step_cond.onnx"), load_external_data=False).graph
+    read_by_main = {i for n in graph.node for i in n.input}
+    assert {i.name for i in graph.initializer} <= read_by_main
+    branch_weights = {i.name for sub in _branches(graph) for i in sub.initializer}
+    nested = {i.name for sub in _branches(graph) for inner in _branches(sub) for i in inner.initializer}
+    assert any("main_network.main_network.main_network.layers.1.mlp.fc1" in n for n in nested), sorted(nested)[:5]
+    assert branch_weights and not branch_weights & read_by_main
+    if kind != "float32":
+        quantized = [n for sub in _branches(graph) for n in sub.node if n.op_type == "MatMulNBits"]
+        assert quantized and all(n.input[1] in {i.name for i in sub.initializer}
+                                 for sub in _branches(graph) for n in sub.node if n.op_type == "MatMulNBits")
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_exports_generate_at_batch_1_and_2(exports, kind):
     dirs, _ = exports
