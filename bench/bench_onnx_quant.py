@@ -10,8 +10,7 @@ in its own process (so its peak RSS is its own): load, generate 64 bytes greedil
 (peak RSS "load + 64 bytes"), then teacher-forced decode of --decode-bytes bytes of English at
 batch 1 (the runtime's choice: step_cond) and at batch --batch (step), bytes/s counting every
 sample's bytes. torch eager decodes the same text in the parent for the ratio. "private" is the
-runtime before sharing: every session loads and pre-packs its own copy of the weights; "shared" gives
-quantized sessions the one mapped file (their default is not to: see OnnxHNet's share_weights).
+runtime before sharing: every session loads and pre-packs its own copy of the weights.
 
 Quality: the bundled model (hnet_core/demo_model) exported float32 / int8 / int4, bits per byte over
 --quality-bytes of the Brown corpus's held-out tail (bench/quality keeps it out of training) in windows of 1024, and
@@ -45,11 +44,11 @@ MEDIUM_1STAGE = {
     "tie_embeddings": False,
 }
 KINDS = ("float32", "int8", "int4")
-# (label, kind, share_weights, prepack), None = the runtime's default: the default for each kind, "private"
-# (every session loads and pre-packs its own copy: the runtime before sharing) and "shared" (one mapping).
+# (label, kind, share_weights, prepack), None = the runtime's default: the default for each kind, and
+# "private" (every session loads and pre-packs its own copy: the runtime before sharing).
 CONFIGS = [("float32", "float32", None, None), ("float32 private", "float32", False, True),
            ("float32 no prepack", "float32", None, False), ("int8", "int8", None, None),
-           ("int8 shared", "int8", True, None), ("int4", "int4", None, None), ("int4 shared", "int4", True, None)]
+           ("int8 private", "int8", False, None), ("int4", "int4", None, None), ("int4 private", "int4", False, None)]
 
 
 def english(n: int, offset: int = 10_000) -> bytes:

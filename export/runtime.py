@@ -100,16 +100,13 @@ class SharedWeights:
 
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
-                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool | None = None,
+                 step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
                  prepack: bool | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
         levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
         "auto" (cond at batch 1 on CPU, else where). io_binding: keep states in onnxruntime-owned
         buffers between steps (default: on for CUDA). share_weights: give all sessions the one mapped
-        copy of an external weights file; False lets each session load its own; None (default) shares
-        unless the export is quantized and pre-packed: then every session re-lays MatMulNBits weights
-        out in its own buffer and frees what it loaded, while a shared mapping would stay resident
-        beside those copies (measured on hnet_1stage_L int8: 2.8 GB shared, 2.2 GB not).
+        copy of an external weights file (default; False lets each session load its own, as before).
         prepack: let the CPU provider re-lay weights out per session:
         True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
         None (default) in the step graphs of float exports and in every graph of quantized ones."""
@@ -134,8 +131,6 @@ class OnnxHNet:
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.quantization = self.meta.get("quantization")
         table = self.meta.get("weights")
-        if share_weights is None:
-            share_weights = self.quantization is None or prepack is False
         self.shared_weights = SharedWeights(path, table) if share_weights and table else None
         self.prepack = prepack
         self._threads, self._providers = threads, providers

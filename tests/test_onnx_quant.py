@@ -157,16 +157,6 @@ def test_quantized_exports_generate_at_batch_1_and_2(exports, kind):
         # The runtime's choice, as for float exports: step_cond at batch 1 on CPU, step.onnx above.
         other = "step" if graph == "step_cond" else "step_cond"
         assert graph in model.sessions and other not in model.sessions
-        # Pre-packed MatMulNBits sessions keep their own packed copies: no shared mapping by default.
-        assert model.shared_weights is None
-
-
-def test_float_exports_share_one_mapping_and_quantized_ones_only_when_not_prepacked(exports):
-    dirs, _ = exports
-    assert OnnxHNet(dirs["float32"], provider="cpu", threads=1).shared_weights is not None
-    assert OnnxHNet(dirs["int8"], provider="cpu", threads=1).shared_weights is None
-    assert OnnxHNet(dirs["int8"], provider="cpu", threads=1, prepack=False).shared_weights is not None
-    assert OnnxHNet(dirs["int4"], provider="cpu", threads=1, share_weights=True).shared_weights is not None
 
 
 _GROWTH = """

@@ -8,7 +8,8 @@ The card holds: parameters per stage, training steps, bytes seen, wall time (the
 sessions, from metrics.jsonl), bits per byte on every held-out set beside xz -9e / zstd -22 / bzip2 -9
 on exactly the scored bytes, bytes per chunk per stage, how often chunk starts fall at word starts, a
 greedy and a sampled continuation of plain English prompts, and `--notes` (data, licences, the exact
-commands) as written by hand.
+commands) as written by hand. It also draws bench/quality/chunks.png (the sample paragraph's chunks)
+and writes bench/quality/bundled_eval.json (every figure of the card).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, os.path.join(args.out, "MODEL_CARD.md"))
+    quality.plot_chunks(args.out, quality.SAMPLE, os.path.join(HERE, "chunks.png"))
     with open(os.path.join(HERE, "bundled_eval.json"), "w") as f:
         json.dump({"evaluation": ev, "training": {k: v for k, v in summary.items() if k != "settings"}}, f, indent=1)
     print(text)
