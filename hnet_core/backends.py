@@ -17,7 +17,7 @@ from typing import Any, Callable
 from .errors import HNetError
 
 BACKENDS = ("torch", "mlx", "onnx")
-# The small Austen model shipped with the package (see demo_model/README.md); used when no model is given.
+# The small English model shipped with the package (see demo_model/MODEL_CARD.md); used when no model is given.
 DEMO_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_model")
 _EXTRA = {"torch": "torch", "mlx": "mlx", "onnx": "onnx"}
 # backend -> module whose make_forward(model_path, device, dtype) serves hnet_core.evaluate
