@@ -154,7 +154,7 @@ def test_layers_expose_linear_blocks_for_mlx_lm_lora(demo):
 
     config = json.load(open(os.path.join(DEMO_MODEL, "config.json")))
     model = Model(ModelArgs.from_dict(config))
-    assert len(model.layers) == 11  # m2 + m2 + T3 + m2 + m2 blocks
+    assert len(model.layers) == 12  # m2 + m2 + T4 + m2 + m2 blocks
     linear_to_lora_layers(model, 2, {"rank": 4, "scale": 1.0, "dropout": 0.0})
     adapted = [name for name, m in model.named_modules() if type(m).__name__ == "LoRALinear"]
     assert adapted and all(name.startswith("backbone.decoder.layers") for name in adapted)
