@@ -102,7 +102,8 @@ def child(argv: list[str]) -> None:
 
         path, threads, share, prepack, batch, steps = argv[1], int(argv[2]), argv[3], argv[4], int(argv[5]), int(argv[6])
         t0 = time.perf_counter()
-        model = OnnxHNet(path, provider="cpu", threads=threads, share_weights=None if share == "auto" else share == "1",
+        chosen = {} if share == "auto" else {"share_weights": share == "1"}  # "auto": the runtime's default
+        model = OnnxHNet(path, provider="cpu", threads=threads, **chosen,
                          prepack=None if prepack == "auto" else prepack == "1")
         for _ in stream_generate(model, ["The old lighthouse keeper"], max_tokens=64,
                                  sampling=SamplingParams(temperature=0)):
