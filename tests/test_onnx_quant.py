@@ -119,13 +119,6 @@ def _branches(graph):
     return [a.g for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
 
 
-def _read_inside(graph) -> set[str]:
-    names = set()
-    for sub in _branches(graph):
-        names |= {i for n in sub.node for i in n.input} | _read_inside(sub)
-    return names
-
-
 @pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
 def test_if_branch_weights_live_in_the_branch_that_reads_them(exports, kind):
     """The CPU provider pre-packs only a graph's own initializers: a MatMulNBits in step_cond's If
