@@ -69,7 +69,7 @@ def continuation(model: str, prompt: str, temperature: float) -> str:
     return out.stdout
 
 
-def card(run: str, out: str, notes: str, ev: dict, summary: dict, stages: list, samples: list) -> str:
+def card(notes: str, ev: dict, summary: dict, stages: list, samples: list) -> str:
     s = summary["settings"]
     lines = ["# The bundled model: a 2-stage H-Net trained on English prose and documentation", "",
              "The model every command uses when no `--model` is given (`hnet generate`, `hnet-mlx generate`, "
@@ -133,7 +133,7 @@ def main() -> None:
     stages = parameters_per_stage(model.state_dict(), model.config.num_stages)
     summary = training_summary(args.run)
     samples = [(p, t, continuation(args.out, p, t)) for p in PROMPTS for t in (0.0, 0.8)]
-    text = card(args.run, args.out, open(args.notes).read(), ev, summary, stages, samples)
+    text = card(open(args.notes).read(), ev, summary, stages, samples)
     tmp = os.path.join(args.out, "MODEL_CARD.md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
