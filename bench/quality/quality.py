@@ -3,7 +3,7 @@
     python bench/quality/quality.py prepare                 # split ../shared/data into train/ and heldout/
     python bench/quality/quality.py flops                   # FLOPs per byte of the three configs (counted)
     python bench/quality/quality.py train --steps 2000      # the three models, same bytes (resumable)
-    python bench/quality/quality.py report                  # results.md/json, curves.png, chunks.png
+    python bench/quality/quality.py report                  # results.md/json, curves.png, chunks_comparison_2stage.png
     python bench/quality/quality.py evaluate --model DIR    # one model on every held-out set (model card)
 
 Data (`prepare`): the English corpora of ../shared/data (see its README for provenance and licences):
@@ -174,34 +174,46 @@ def flops_per_byte(model, batches) -> dict:
 
 
 def word_start_stats(model, path: str, limit: int = 60_000, window: int = 2048) -> dict:
-    """Fraction of each stage's chunk starts (at bytes) that fall on a word start."""
+    """Fraction of each stage's chunk starts (at bytes) that fall on a word start, and, as a check on
+    an off-by-one convention, the fraction that fall on a word's last byte (the next byte is a
+    separator): a boundary there hands the main network's output to the separator, the position
+    that predicts the next word."""
     import numpy as np
     import torch
 
     from hnet_core.chunks import byte_boundaries
 
+    separator = np.zeros(256, dtype=bool)
+    separator[list(PUNCT)] = True
     data = open(path, "rb").read()[:limit]
-    hits, starts, word_starts, total = None, None, 0, 0
+    hits, ends, starts, word_starts, word_ends, total = None, None, None, 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(data), window):
-            piece = data[i : i + window]
-            out = model(torch.tensor([[254, *piece]]))
-            masks = [r.boundary_mask[0].numpy() for r in out.routing]
-            at_bytes = byte_boundaries(masks)
-            # position j + 1 of the model input is byte j of the piece; skip BOS and the piece's first byte
-            prev = np.frombuffer(piece, dtype=np.uint8)
-            is_word_start = np.array([prev[j - 1] in PUNCT for j in range(1, len(piece))])
+            piece = np.frombuffer(data[i : i + window], dtype=np.uint8)
+            if len(piece) < 3:
+                continue
+            out = model(torch.tensor([[254, *piece.tolist()]]))
+            at_bytes = byte_boundaries([r.boundary_mask[0].numpy() for r in out.routing])
+            # position j + 1 of the model input is byte j of the piece; score bytes 1..n-2 (each has
+            # a byte before and after it in the piece)
+            j = np.arange(1, len(piece) - 1)
+            is_word_start = separator[piece[j - 1]]
+            is_word_end = separator[piece[j + 1]] & ~separator[piece[j]]
             if hits is None:
-                hits, starts = [0] * len(at_bytes), [0] * len(at_bytes)
+                hits, ends, starts = [0] * len(at_bytes), [0] * len(at_bytes), [0] * len(at_bytes)
             for s, b in enumerate(at_bytes):
-                b = b[2:]  # bytes 1..n-1 of the piece
+                b = b[j + 1].astype(bool)
                 hits[s] += int((b & is_word_start).sum())
+                ends[s] += int((b & is_word_end).sum())
                 starts[s] += int(b.sum())
             word_starts += int(is_word_start.sum())
-            total += len(piece) - 1
+            word_ends += int(is_word_end.sum())
+            total += len(j)
     return {"boundary_at_word_start": [h / max(n, 1) for h, n in zip(hits or [], starts or [])],
             "word_starts_covered": [h / max(word_starts, 1) for h in hits or []],
-            "chance": word_starts / max(total, 1), "bytes": len(data)}
+            "chance": word_starts / max(total, 1),
+            "boundary_at_word_end": [e / max(n, 1) for e, n in zip(ends or [], starts or [])],
+            "chance_word_end": word_ends / max(total, 1), "bytes": len(data)}
 
 
 def eval_bpb(model_dir: str, path: str, limit: int | None = None) -> dict:
@@ -353,8 +365,9 @@ def report(limit: int | None) -> dict:
         entry["training_bytes"] = settings["steps"] * settings["batch_size"] * settings["seq_len"]
         results["models"][name] = entry
     plot_curves(os.path.join(HERE, "curves.png"))
+    # chunks.png shows the bundled model (ship.py draws it); the comparison's 2-stage model gets its own
     if final_model("hnet_2stage"):
-        plot_chunks(final_model("hnet_2stage"), SAMPLE, os.path.join(HERE, "chunks.png"))
+        plot_chunks(final_model("hnet_2stage"), SAMPLE, os.path.join(HERE, "chunks_comparison_2stage.png"))
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(HERE, "results.md"), "w") as f:
@@ -376,15 +389,18 @@ def markdown(results: dict) -> str:
         row += [f"{first[k]:.3f}" for k in ("xz -9e", "zstd --ultra -22", "bzip2 -9")]
         lines.append(f"| {s} ({first['bytes']:,} B) | " + " | ".join(row) + " |")
     lines += ["", "| model | parameters | FLOPs/byte (fwd+bwd, counted) | training bytes | bytes per chunk per stage |"
-              " boundaries at word starts per stage (chance) |", "|---|---|---|---|---|---|"]
+              " boundaries at word starts per stage (chance) | at word ends (chance) |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         ws = [e.get("word_starts") for e in m["sets"].values() if e.get("word_starts")]
         frac = " / ".join(f"{sum(w['boundary_at_word_start'][s] for w in ws) / len(ws):.2f}"
                           for s in range(len(ws[0]["boundary_at_word_start"]))) if ws else "-"
         chance = f" ({sum(w['chance'] for w in ws) / len(ws):.2f})" if ws else ""
+        ends = " / ".join(f"{sum(w['boundary_at_word_end'][s] for w in ws) / len(ws):.2f}"
+                          for s in range(len(ws[0]["boundary_at_word_end"]))) if ws else "-"
+        ends += f" ({sum(w['chance_word_end'] for w in ws) / len(ws):.2f})" if ws else ""
         bpc = " / ".join(f"{c:.2f}" for c in m.get("compression", [])) or "-"
         lines.append(f"| {name} | {m['parameters'] / 1e6:.2f}M | {m['flops_per_byte'] / 1e6:.1f}M | "
-                     f"{m['training_bytes']:,} | {bpc} | {frac}{chance} |")
+                     f"{m['training_bytes']:,} | {bpc} | {frac}{chance} | {ends} |")
     return "\n".join(lines) + "\n"
 
 
