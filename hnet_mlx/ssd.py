@@ -50,11 +50,13 @@ def chunked_scan(
     seq_idx: mx.array | None = None,  # (b, l) int, packed mode
     initial_state: mx.array | None = None,  # (b, h, p, n)
 ) -> tuple[mx.array, mx.array]:
-    """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32."""
+    """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32: pads the time
+    axis to whole chunks and runs `whole_chunks_scan` on them."""
     b, l, h, p = u.shape
     g, n = B.shape[-2:]
     Q = chunk_size
-    pad = (-l) % Q
+    c = (l + Q - 1) // Q
+    pad = c * Q - l
     u, log_decay, B, C = u.astype(F32), log_decay.astype(F32), B.astype(F32), C.astype(F32)
     if pad:
         # Zero input and zero log-decay: padded steps leave the state untouched.
@@ -62,17 +64,34 @@ def chunked_scan(
         if seq_idx is not None:
             # padding belongs to the last sequence
             seq_idx = mx.concatenate([seq_idx, mx.broadcast_to(seq_idx[:, l - 1 : l], (b, pad))], axis=1)
-    c = (l + pad) // Q
+    seg = None if seq_idx is None else seq_idx.reshape(b, c, Q)
+    y, final_state = whole_chunks_scan(
+        u.reshape(b, c, Q, h, p), log_decay.reshape(b, c, Q, h), B.reshape(b, c, Q, g, n), C.reshape(b, c, Q, g, n),
+        seg, initial_state,
+    )
+    return y.reshape(b, c * Q, h, p)[:, :l], final_state
+
+
+def whole_chunks_scan(
+    u: mx.array,  # (b, c, Q, h, p) fp32
+    a: mx.array,  # (b, c, Q, h) log-decay
+    B: mx.array,  # (b, c, Q, g, n)
+    C: mx.array,  # (b, c, Q, g, n)
+    seg: mx.array | None,  # (b, c, Q) sequence ids, packed mode
+    initial_state: mx.array | None,  # (b, h, p, n)
+) -> tuple[mx.array, mx.array]:
+    """The scan over c whole chunks of Q positions: y (b, c, Q, h, p) and the final state (b, h, p, n)."""
+    b, c, Q, h, p = u.shape
+    g, n = B.shape[-2:]
     hpg = h // g
-    u = u.reshape(b, c, Q, h, p).transpose(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
-    a = log_decay.reshape(b, c, Q, h).transpose(0, 3, 1, 2)  # (b, h, c, Q)
-    Bc = B.reshape(b, c, Q, g, n).transpose(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
-    Cc = C.reshape(b, c, Q, g, n).transpose(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
+    u = u.transpose(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
+    a = a.transpose(0, 3, 1, 2)  # (b, h, c, Q)
+    Bc = B.transpose(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
+    Cc = C.transpose(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
     a_cs = mx.cumsum(a, axis=-1)  # (b, h, c, Q)
 
     causal = mx.tril(mx.ones((Q, Q), dtype=mx.bool_))
-    if seq_idx is not None:
-        seg = seq_idx.reshape(b, c, Q)
+    if seg is not None:
         same = (seg[:, :, :, None] == seg[:, :, None, :]) & causal  # (b, c, Q, Q)
         same = same[:, None]
     else:
@@ -86,7 +105,7 @@ def chunked_scan(
 
     # 2. each chunk's own final state (only positions in the chunk's last sequence count)
     to_end = mx.exp(a_cs[..., -1:] - a_cs)  # (b, h, c, Q)
-    if seq_idx is not None:
+    if seg is not None:
         to_end = to_end * (seg == seg[:, :, -1:])[:, None]
     weighted = (u * to_end[..., None]).reshape(b, g, hpg, c, Q, p)
     states = weighted.swapaxes(-1, -2) @ Bc[:, :, None]  # (b, g, hpg, c, p, n)
@@ -98,7 +117,7 @@ def chunked_scan(
     all_states = mx.concatenate([initial_state.astype(F32)[:, :, None], states], axis=2)  # (b, h, c+1, p, n)
     totals = mx.pad(a_cs[..., -1], [(0, 0), (0, 0), (1, 0)])  # (b, h, c+1)
     chunk_decay = segsum(totals)  # (b, h, c+1, c+1), stable
-    if seq_idx is not None:
+    if seg is not None:
         seg_before = mx.concatenate([seg[:, :1, 0], seg[:, :, -1]], axis=1)  # (b, c+1) sequence of each state
         same_seq = (seg_before[:, :, None] == seg_before[:, None, :])[:, None]
         chunk_decay = mx.where(same_seq, chunk_decay, NEG_INF)
@@ -108,13 +127,12 @@ def chunked_scan(
 
     # 4. contribution of the state entering each chunk: y_i += exp(a_cs_i) C_i . state
     from_start = mx.exp(a_cs)  # (b, h, c, Q)
-    if seq_idx is not None:
+    if seg is not None:
         from_start = from_start * (seg == seg_before[:, :-1, None])[:, None]
     Cs = Cc[:, :, None] @ entering.reshape(b, g, hpg, c, p, n).swapaxes(-1, -2)  # (b, g, hpg, c, Q, p)
     y = y + Cs.reshape(b, h, c, Q, p) * from_start[..., None]
 
-    y = y.transpose(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :l]
-    return y, final_state
+    return y.transpose(0, 2, 3, 1, 4), final_state  # (b, c, Q, h, p)
 
 
 def ssd_chunk_scan(

@@ -255,7 +255,8 @@ _COMPILED: dict[str, object] = {}
 
 def compiled(name: str, fn):
     """torch.compile(fn) once per name, with dynamic shapes: the inner stages' lengths change every
-    step (dynamic chunking), and dynamic shapes keep that to a bounded number of recompiles."""
+    step (dynamic chunking), and dynamic shapes keep that to a bounded number of recompiles. The
+    scans compile only `ssd.whole_chunks_scan` (the padding to whole chunks runs eagerly)."""
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(fn, dynamic=True)
     return _COMPILED[name]
@@ -269,15 +270,16 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D, seq_idx=None, initial_state=None, mo
             x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_states=initial_state, return_final_states=True
         )
         return y.float(), final.float()
-    scan = compiled("ssd", ssd.ssd_chunk_scan) if impl == "compiled" else ssd.ssd_chunk_scan
-    return scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_state=initial_state)
+    scan_chunks = compiled("ssd", ssd.whole_chunks_scan) if impl == "compiled" else None
+    return ssd.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx, initial_state=initial_state,
+                              scan_chunks=scan_chunks)
 
 
 def ema_scan(values, p, chunk_size, seq_idx=None, mode="auto"):
     """The dechunk EMA (ssd.ema_chunk_scan); "compiled" compiles it, every other choice runs it eagerly."""
     impl = choose("scan", _plan(mode).scan, values)
-    scan = compiled("ema", ssd.ema_chunk_scan) if impl == "compiled" else ssd.ema_chunk_scan
-    return scan(values, p, chunk_size, seq_idx=seq_idx)
+    scan_chunks = compiled("ssd", ssd.whole_chunks_scan) if impl == "compiled" else None
+    return ssd.ema_chunk_scan(values, p, chunk_size, seq_idx=seq_idx, scan_chunks=scan_chunks)
 
 
 def ssm_step(state, x, dt, dt_bias, A, B, C, D, mode="auto"):

@@ -38,32 +38,54 @@ def chunked_scan(
     chunk_size: int,
     seq_idx: torch.Tensor | None = None,  # (b, l) int, packed mode
     initial_state: torch.Tensor | None = None,  # (b, h, p, n)
+    scan_chunks=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32."""
+    """y (b, l, h, p) and the state after the last position (b, h, p, n), all fp32. Pads the
+    time axis to whole chunks and runs `scan_chunks` (default: `whole_chunks_scan`; kernels.py
+    passes a torch.compile'd one) on them. Keeping the padding out of the compiled function keeps
+    its shapes free of `l mod Q`: with that arithmetic inside, Inductor's CPU code (torch 2.13,
+    dynamic shapes) corrupted the heap ("double free or corruption")."""
     b, l, h, p = u.shape
     g, n = B.shape[-2:]
     Q = chunk_size
-    pad = (-l) % Q
-    u, log_decay, B, C = u.float(), log_decay.float(), B.float(), C.float()
-    # Zero input and zero log-decay: padded steps leave the state untouched. Padding always, even by
-    # 0, keeps torch.compile from guarding (and recompiling) on whether l is a multiple of Q.
-    u = F.pad(u, (0, 0, 0, 0, 0, pad))
-    log_decay = F.pad(log_decay, (0, 0, 0, pad))
-    B = F.pad(B, (0, 0, 0, 0, 0, pad))
-    C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    c = (l + Q - 1) // Q
+    pad = c * Q - l
+    # Zero input and zero log-decay: padded steps leave the state untouched.
+    u = F.pad(u.float(), (0, 0, 0, 0, 0, pad))
+    log_decay = F.pad(log_decay.float(), (0, 0, 0, pad))
+    B = F.pad(B.float(), (0, 0, 0, 0, 0, pad))
+    C = F.pad(C.float(), (0, 0, 0, 0, 0, pad))
+    seg = None
     if seq_idx is not None:
         seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1)  # padding belongs to the last sequence
-    c = (l + pad) // Q
+        seg = seq_idx.reshape(b, c, Q)
+    y, final_state = (scan_chunks or whole_chunks_scan)(
+        u.reshape(b, c, Q, h, p), log_decay.reshape(b, c, Q, h), B.reshape(b, c, Q, g, n), C.reshape(b, c, Q, g, n),
+        seg, initial_state,
+    )
+    return y.reshape(b, c * Q, h, p)[:, :l], final_state
+
+
+def whole_chunks_scan(
+    u: torch.Tensor,  # (b, c, Q, h, p) fp32
+    a: torch.Tensor,  # (b, c, Q, h) log-decay
+    B: torch.Tensor,  # (b, c, Q, g, n)
+    C: torch.Tensor,  # (b, c, Q, g, n)
+    seg: torch.Tensor | None,  # (b, c, Q) sequence ids, packed mode
+    initial_state: torch.Tensor | None,  # (b, h, p, n)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan over c whole chunks of Q positions: y (b, c, Q, h, p) and the final state (b, h, p, n)."""
+    b, c, Q, h, p = u.shape
+    g, n = B.shape[-2:]
     hpg = h // g
-    u = u.reshape(b, c, Q, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
-    a = log_decay.reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
-    Bc = B.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
-    Cc = C.reshape(b, c, Q, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
+    u = u.permute(0, 3, 1, 2, 4)  # (b, h, c, Q, p)
+    a = a.permute(0, 3, 1, 2)  # (b, h, c, Q)
+    Bc = B.permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
+    Cc = C.permute(0, 3, 1, 2, 4)  # (b, g, c, Q, n)
     a_cs = torch.cumsum(a, dim=-1)  # (b, h, c, Q)
 
     causal = torch.tril(torch.ones(Q, Q, dtype=torch.bool, device=u.device))
-    if seq_idx is not None:
-        seg = seq_idx.reshape(b, c, Q)
+    if seg is not None:
         same = (seg[:, :, :, None] == seg[:, :, None, :]) & causal  # (b, c, Q, Q)
         same = same[:, None]
     else:
@@ -77,7 +99,7 @@ def chunked_scan(
 
     # 2. each chunk's own final state (only positions in the chunk's last sequence count)
     to_end = torch.exp(a_cs[..., -1:] - a_cs)  # (b, h, c, Q)
-    if seq_idx is not None:
+    if seg is not None:
         to_end = to_end * (seg == seg[:, :, -1:])[:, None]
     weighted = (u * to_end[..., None]).reshape(b, g, hpg, c, Q, p)
     states = weighted.transpose(-1, -2) @ Bc[:, :, None]  # (b, g, hpg, c, p, n)
@@ -88,7 +110,7 @@ def chunked_scan(
         initial_state = torch.zeros(b, h, p, n, device=u.device, dtype=torch.float32)
     all_states = torch.cat([initial_state.float()[:, :, None], states], dim=2)  # (b, h, c+1, p, n)
     chunk_decay = segsum(F.pad(a_cs[..., -1], (1, 0)))  # (b, h, c+1, c+1), stable
-    if seq_idx is not None:
+    if seg is not None:
         seg_before = torch.cat([seg[:, :1, 0], seg[:, :, -1]], dim=1)  # (b, c+1) sequence of each state
         chunk_decay = chunk_decay.masked_fill(~(seg_before[:, :, None] == seg_before[:, None, :])[:, None], float("-inf"))
     entering = torch.einsum("bhzk,bhkpn->bhzpn", torch.exp(chunk_decay), all_states)
@@ -97,13 +119,12 @@ def chunked_scan(
 
     # 4. contribution of the state entering each chunk: y_i += exp(a_cs_i) C_i . state
     from_start = torch.exp(a_cs)  # (b, h, c, Q)
-    if seq_idx is not None:
+    if seg is not None:
         from_start = from_start * (seg == seg_before[:, :-1, None])[:, None]
     Cs = (Cc[:, :, None] @ entering.reshape(b, g, hpg, c, p, n).transpose(-1, -2))  # (b, g, hpg, c, Q, p)
     y = y + Cs.reshape(b, h, c, Q, p) * from_start[..., None]
 
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, c * Q, h, p)[:, :l]
-    return y, final_state
+    return y.permute(0, 2, 3, 1, 4), final_state  # (b, c, Q, h, p)
 
 
 def ssd_chunk_scan(
@@ -116,11 +137,13 @@ def ssd_chunk_scan(
     D: torch.Tensor | None = None,  # (h,)
     seq_idx: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    scan_chunks=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba2 SSD: y_t = C_t h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T."""
     dt = dt.float()
     y, final_state = chunked_scan(
-        x.float() * dt[..., None], dt * A.float(), B, C, chunk_size, seq_idx=seq_idx, initial_state=initial_state
+        x.float() * dt[..., None], dt * A.float(), B, C, chunk_size, seq_idx=seq_idx, initial_state=initial_state,
+        scan_chunks=scan_chunks,
     )
     if D is not None:
         y = y + x.float() * D.float()[:, None]
@@ -132,13 +155,14 @@ def ema_chunk_scan(
     p: torch.Tensor,  # (b, m)  boundary probabilities, already clamped to [1e-4, 1 - 1e-4]
     chunk_size: int = 256,
     seq_idx: torch.Tensor | None = None,
+    scan_chunks=None,
 ) -> torch.Tensor:
     """The dechunk EMA z̄_j = p_j ẑ_j + (1 - p_j) z̄_{j-1}, z̄_{-1} = 0, in fp32 -> (b, m, d)."""
     b, m, d = values.shape
     p = p.float()
     ones = torch.ones(b, m, 1, 1, device=values.device, dtype=torch.float32)
     u = (values.float() * p[..., None])[:, :, None]  # (b, m, 1, d): one head of width d
-    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size, seq_idx=seq_idx)
+    y, _ = chunked_scan(u, torch.log1p(-p)[..., None], ones, ones, chunk_size, seq_idx=seq_idx, scan_chunks=scan_chunks)
     return y[:, :, 0]
 
 
