@@ -173,7 +173,7 @@ def evaluate(backend: TrainerBackend, batches: list[Batch]) -> EvalResult | None
     take part in each forward (FSDP), the spare processes score a batch with weight 0."""
     if not batches:
         return None
-    local = np.zeros(3 + backend.num_stages)
+    local = np.zeros(len(eval_vector(np.zeros(2 + 3 * backend.num_stages), backend.num_stages)))
     for first in range(0, len(batches), backend.world):
         j = first + backend.rank
         if j < len(batches):

@@ -111,6 +111,23 @@ def test_ratio_loss_pulls_the_boundary_rate_toward_its_target(tmp_path):
     assert compression[8.0] > compression[2.0] + 1.0, compression
 
 
+def test_isotropic_model_trains_and_evaluates(tmp_path):
+    """A model without chunking (arch_layout ["m1T1"]): training steps and validation both run
+    (validation once summed a 3-entry vector into a 2-entry one and stopped the run)."""
+    from hnet_core.config import HNetConfig
+
+    def isotropic():
+        return HNetConfig.from_dict({"arch_layout": ["m1T1"], "d_model": [64], "d_intermediate": [128],
+                                     "ssm_cfg": {"chunk_size": 16, "d_conv": 4, "d_state": 8, "expand": 2},
+                                     "attn_cfg": {"num_heads": [2], "rotary_emb_dim": [8], "window_size": [-1]}})
+
+    cfg, data, tc = tiny_run(tmp_path, isotropic, steps=4, val_fraction=0.3, eval_every=2, eval_bytes=256)
+    train(cfg, None, data, str(tmp_path / "run"), tc, show_progress=False)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4], evals
+    assert all(np.isfinite(r["bpb"]) and r["compression"] == [] for r in evals), evals
+
+
 # -- checkpoints and resume --------------------------------------------------------------------
 
 
