@@ -132,6 +132,11 @@ def use_compile(setting: str, device: torch.device) -> bool:
     missing = kernel_paths.compiler_missing(device.type) if device.type in ("cpu", "cuda") else "unsupported device"
     if setting == "on" and missing is not None:
         raise HNetError(f"--compile on cannot run: {missing}")
+    if setting == "on" and device.type == "cpu":
+        # tests/test_torch_compile.py: the compiled training step aborts the process natively
+        # ("double free or corruption") in its backward on CPU with torch 2.13's Inductor.
+        raise HNetError(f"--compile on is refused on CPU: torch {torch.__version__}'s C++ code for this model's "
+                        "backward corrupts memory (tests/test_torch_compile.py); train on CPU with --compile off")
     return setting == "on" or (setting == "auto" and device.type == "cuda" and missing is None)
 
 
@@ -358,7 +363,7 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
               help="Implementation of each path: auto, off (pure PyTorch + masked SDPA), on (mamba_ssm, "
                    "causal_conv1d, flash_attn), or e.g. scan=compiled,conv=pure,attention=flex (README: GPU training).")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="torch.compile the model's blocks (auto: on CUDA only).")
+              help="torch.compile the model's blocks (auto: on CUDA only; refused on CPU, see README).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.pass_context
 def train_command(ctx, config_path, model_path, data, out, resume, restart_data, stop_at, time_limit, device, fsdp,

@@ -1,6 +1,7 @@
 """torch.compile on CPU (marked slow: Inductor writes and builds C++ for every region, minutes on 2
-cores): the compiled SSD scan, FlexAttention's fused kernel and the regionally compiled training
-step compute what the eager reference computes, the compiled regions contain no graph breaks, and
+cores): the compiled SSD scan and dechunk EMA, FlexAttention's fused kernel, and the regionally
+compiled training step (a strict xfail on CPU: its backward aborts natively with torch 2.13)
+compute what the eager reference computes; the compiled regions contain no graph breaks, and
 recompiles stop after the first steps although every step's chunk counts differ."""
 
 from __future__ import annotations
@@ -124,8 +125,23 @@ def check_compiled_ssd_scan() -> None:
     print(f"compiled graphs: {counters['graphs']}")
 
 
-@pytest.mark.parametrize("name", ["2stage", "1stage", "3stage"])
-def test_compiled_training_step_matches_eager(name, fresh_dynamo):
+@pytest.mark.xfail(strict=True, reason="torch 2.13 Inductor on CPU: the compiled regions' backward aborts natively "
+                   "(heap corruption); `--compile on` is refused on CPU for this reason")
+def test_compiled_training_step_matches_eager_on_cpu():
+    """In a child process, so that the native abort fails this test instead of ending the session.
+    Strict: once a torch release fixes it this test fails, and the refusal in use_compile can go."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "import test_torch_compile as t; t.check_compiled_training_step('2stage')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(here)])))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def check_compiled_training_step(name: str) -> None:
+    torch._dynamo.reset()
     eager = random_torch_model(SMALL_CONFIGS[name]()).train()
     compiled = compile_model(copy.deepcopy(eager))
     for lengths, offset in (([60, 45, 81], 0), ([33, 120], 7)):  # two steps: different chunk counts

@@ -128,6 +128,14 @@ def test_isotropic_model_trains_and_evaluates(tmp_path):
     assert all(np.isfinite(r["bpb"]) and r["compression"] == [] for r in evals), evals
 
 
+def test_compile_on_is_refused_on_cpu_with_one_line():
+    from hnet_torch.train import use_compile
+
+    with pytest.raises(HNetError, match="refused on CPU.*--compile off"):
+        use_compile("on", torch.device("cpu"))
+    assert use_compile("auto", torch.device("cpu")) is False
+
+
 # -- checkpoints and resume --------------------------------------------------------------------
 
 
