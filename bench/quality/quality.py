@@ -353,21 +353,31 @@ def report(limit: int | None) -> dict:
     results = {"models": {}, "limit": limit}
     batches = training_batches(DATA, 2)
     for name in MODELS:
-        model_dir = final_model(name)
-        if model_dir is None:
-            print(f"{name}: not trained yet, skipped", file=sys.stderr)
+        model_dir = os.path.join(run_dir(name), "model")
+        if not os.path.isdir(model_dir):
+            print(f"{name}: training not finished, skipped", file=sys.stderr)
             continue
         print(f"{name}: {model_dir}", file=sys.stderr)
-        entry = evaluate_model(model_dir, limit)
-        entry.update(flops_per_byte(load_model(model_dir), batches))
+        # A finished model's scores are kept beside it (keyed by the weights' mtime and the limit), so
+        # rerunning `report` after another model finishes evaluates only that one.
+        cache = os.path.join(run_dir(name), "report_cache.json")
+        key = [os.path.getmtime(os.path.join(model_dir, "model.safetensors")), limit]
+        cached = json.load(open(cache)) if os.path.exists(cache) else {}
+        if cached.get("key") == key:
+            entry = cached["entry"]
+        else:
+            entry = evaluate_model(model_dir, limit)
+            entry.update(flops_per_byte(load_model(model_dir), batches))
+            with open(cache, "w") as f:
+                json.dump({"key": key, "entry": entry}, f)
         settings = json.load(open(os.path.join(run_dir(name), "train_config.json")))
         entry["steps"] = settings["steps"]
         entry["training_bytes"] = settings["steps"] * settings["batch_size"] * settings["seq_len"]
         results["models"][name] = entry
     plot_curves(os.path.join(HERE, "curves.png"))
     # chunks.png shows the bundled model (ship.py draws it); the comparison's 2-stage model gets its own
-    if final_model("hnet_2stage"):
-        plot_chunks(final_model("hnet_2stage"), SAMPLE, os.path.join(HERE, "chunks_comparison_2stage.png"))
+    if "hnet_2stage" in results["models"]:
+        plot_chunks(os.path.join(run_dir("hnet_2stage"), "model"), SAMPLE, os.path.join(HERE, "chunks_comparison_2stage.png"))
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(HERE, "results.md"), "w") as f:
