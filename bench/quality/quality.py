@@ -398,7 +398,7 @@ def markdown(results: dict) -> str:
         row = [f"{m['sets'][s]['bits_per_byte']:.3f}" for m in models.values()]
         row += [f"{first[k]:.3f}" for k in ("xz -9e", "zstd --ultra -22", "bzip2 -9")]
         lines.append(f"| {s} ({first['bytes']:,} B) | " + " | ".join(row) + " |")
-    lines += ["", "| model | parameters | FLOPs/byte (fwd+bwd, counted) | training bytes | bytes per chunk per stage |"
+    lines += ["", "| model | parameters | FLOPs/byte (fwd+bwd, counted) | training bytes | compression per stage (tokens per chunk, vs the level below) |"
               " boundaries at word starts per stage (chance) | at word ends (chance) |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         ws = [e.get("word_starts") for e in m["sets"].values() if e.get("word_starts")]
