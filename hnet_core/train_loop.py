@@ -158,6 +158,11 @@ def totals_metrics(totals: np.ndarray, target_ratios: list[float], alpha: float)
     return {"ce": ce, "ratio_losses": ratio_values, "boundary_rates": rates, "loss": ce + alpha * sum(ratio_values)}
 
 
+def eval_vector_length(num_stages: int) -> int:
+    """Entries of `eval_vector`: CE and targets, then the token count of every level (none without chunking)."""
+    return 2 + (num_stages + 1 if num_stages else 0)
+
+
 def eval_vector(counts: np.ndarray, num_stages: int) -> np.ndarray:
     """[CE nats, targets, positions entering stage 0..S-1, tokens of the innermost level] from the
     objective's count vector [ce_sum, targets, then per stage: boundaries, p_sum, positions]."""
@@ -173,7 +178,7 @@ def evaluate(backend: TrainerBackend, batches: list[Batch]) -> EvalResult | None
     take part in each forward (FSDP), the spare processes score a batch with weight 0."""
     if not batches:
         return None
-    local = np.zeros(len(eval_vector(np.zeros(2 + 3 * backend.num_stages), backend.num_stages)))
+    local = np.zeros(eval_vector_length(backend.num_stages))
     for first in range(0, len(batches), backend.world):
         j = first + backend.rank
         if j < len(batches):

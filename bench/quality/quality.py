@@ -386,6 +386,14 @@ def report(limit: int | None) -> dict:
     return results
 
 
+def mean_over_sets(stats: list[dict], per_stage: str, chance: str) -> str:
+    """'a / b (c)': a word-start statistic per stage and its chance level, averaged over the held-out sets."""
+    if not stats:
+        return "-"
+    stages = " / ".join(f"{sum(w[per_stage][s] for w in stats) / len(stats):.2f}" for s in range(len(stats[0][per_stage])))
+    return f"{stages} ({sum(w[chance] for w in stats) / len(stats):.2f})"
+
+
 def markdown(results: dict) -> str:
     models = results["models"]
     if not models:
@@ -402,15 +410,11 @@ def markdown(results: dict) -> str:
               " boundaries at word starts per stage (chance) | at word ends (chance) |", "|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         ws = [e.get("word_starts") for e in m["sets"].values() if e.get("word_starts")]
-        frac = " / ".join(f"{sum(w['boundary_at_word_start'][s] for w in ws) / len(ws):.2f}"
-                          for s in range(len(ws[0]["boundary_at_word_start"]))) if ws else "-"
-        chance = f" ({sum(w['chance'] for w in ws) / len(ws):.2f})" if ws else ""
-        ends = " / ".join(f"{sum(w['boundary_at_word_end'][s] for w in ws) / len(ws):.2f}"
-                          for s in range(len(ws[0]["boundary_at_word_end"]))) if ws else "-"
-        ends += f" ({sum(w['chance_word_end'] for w in ws) / len(ws):.2f})" if ws else ""
+        starts = mean_over_sets(ws, "boundary_at_word_start", "chance")
+        ends = mean_over_sets(ws, "boundary_at_word_end", "chance_word_end")
         bpc = " / ".join(f"{c:.2f}" for c in m.get("compression", [])) or "-"
         lines.append(f"| {name} | {m['parameters'] / 1e6:.2f}M | {m['flops_per_byte'] / 1e6:.1f}M | "
-                     f"{m['training_bytes']:,} | {bpc} | {frac}{chance} | {ends} |")
+                     f"{m['training_bytes']:,} | {bpc} | {starts} | {ends} |")
     return "\n".join(lines) + "\n"
 
 
