@@ -69,7 +69,31 @@ def continuation(model: str, prompt: str, temperature: float) -> str:
     return out.stdout
 
 
-def card(notes: str, ev: dict, summary: dict, stages: list, samples: list) -> str:
+def training_vocabulary(train_dir: str, min_count: int = 3) -> set[str]:
+    """Lower-cased letter runs seen at least `min_count` times in the training text: the yardstick for
+    "real English words" in the continuations (names and archaic spellings of the corpora count too)."""
+    import re
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for name in sorted(os.listdir(train_dir)):
+        with open(os.path.join(train_dir, name), "rb") as f:
+            counts.update(w.lower() for w in re.findall(rb"[A-Za-z]+", f.read()))
+    return {w.decode() for w, n in counts.items() if n >= min_count}
+
+
+def known_words(text: str, vocabulary: set[str]) -> tuple[int, int]:
+    """(words of `text` in `vocabulary`, all words): letter runs, the last one dropped if the text ends
+    inside it (generation stops at a byte count, mid-word)."""
+    import re
+
+    words = re.findall(r"[A-Za-z]+", text)
+    if words and text and text[-1].isalpha():
+        words = words[:-1]
+    return sum(w.lower() in vocabulary for w in words), len(words)
+
+
+def card(notes: str, ev: dict, summary: dict, stages: list, samples: list, vocabulary: set[str]) -> str:
     s = summary["settings"]
     lines = ["# The bundled model: a 2-stage H-Net trained on English prose and documentation", "",
              "The model every command uses when no `--model` is given (`hnet generate`, `hnet-mlx generate`, "
@@ -99,19 +123,30 @@ def card(notes: str, ev: dict, summary: dict, stages: list, samples: list) -> st
         bpc = " / ".join(f"{c:.2f}" for c in (e.get("bytes_per_chunk") or []))
         lines.append(f"| {name} | {e['bytes']:,} | **{e['bits_per_byte']:.3f}** | {e['xz -9e']:.3f} | "
                      f"{e['zstd --ultra -22']:.3f} | {e['bzip2 -9']:.3f} | {100 * (e['bits_per_byte'] / best - 1):+.1f}% | {bpc} |")
-    lines += ["", "Chunk starts at word starts (a byte after whitespace or ASCII punctuation), first 60 KB of each "
-              "set; chance is the share of all bytes that are word starts:", "",
-              "| held-out set | stage 0 | stage 1 | chance |", "|---|---:|---:|---:|"]
+    lines += ["", "Where chunks start, first 60 KB of each set (`word_start_stats` in quality.py): at a word start (a "
+              "byte after whitespace or ASCII punctuation) and, to check the other reading of a boundary, at a "
+              "word's last byte (the next byte is a separator). Chance is the share of all bytes of that kind:", "",
+              "| held-out set | at word starts: stage 0 | stage 1 | chance | at word ends: stage 0 | stage 1 | "
+              "chance |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, e in ev["sets"].items():
         w = e.get("word_starts")
         if w:
-            lines.append(f"| {name} | {w['boundary_at_word_start'][0]:.2f} | {w['boundary_at_word_start'][1]:.2f} | "
-                         f"{w['chance']:.2f} |")
+            starts, ends = w["boundary_at_word_start"], w["boundary_at_word_end"]
+            lines.append(f"| {name} | {starts[0]:.2f} | {starts[1]:.2f} | {w['chance']:.2f} | {ends[0]:.2f} | "
+                         f"{ends[1]:.2f} | {w['chance_word_end']:.2f} |")
     lines += ["", "## Continuations", "", "300 bytes each, `hnet generate --model hnet_core/demo_model --prompt P "
-              "--max-tokens 300 --temperature T --seed 0`:", ""]
+              "--max-tokens 300 --temperature T --seed 0`. Real words: the continuation's letter runs that occur "
+              "at least 3 times in the training text (case ignored; a word cut off by the byte limit is not "
+              "counted).", ""]
+    totals = [0, 0]
     for prompt, temperature, text in samples:
+        known, words = known_words(text, vocabulary)
+        totals = [totals[0] + known, totals[1] + words]
         shown = text.replace("\r", "").replace("```", "'''")
-        lines += [f"**{prompt!r}, temperature {temperature}:**", "", "```text", shown.rstrip(), "```", ""]
+        lines += [f"**{prompt!r}, temperature {temperature}** (real words: {known} of {words}):", "", "```text",
+                  shown.rstrip(), "```", ""]
+    lines += [f"All continuations: {totals[0]} of {totals[1]} words are real words "
+              f"({100 * totals[0] / max(totals[1], 1):.0f}%).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +168,8 @@ def main() -> None:
     stages = parameters_per_stage(model.state_dict(), model.config.num_stages)
     summary = training_summary(args.run)
     samples = [(p, t, continuation(args.out, p, t)) for p in PROMPTS for t in (0.0, 0.8)]
-    text = card(open(args.notes).read(), ev, summary, stages, samples)
+    vocabulary = training_vocabulary(os.path.join(quality.DATA, "train"))
+    text = card(open(args.notes).read(), ev, summary, stages, samples, vocabulary)
     tmp = os.path.join(args.out, "MODEL_CARD.md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
