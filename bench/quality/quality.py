@@ -177,7 +177,8 @@ def word_start_stats(model, path: str, limit: int = 60_000, window: int = 2048) 
     """Fraction of each stage's chunk starts (at bytes) that fall on a word start, and, as a check on
     an off-by-one convention, the fraction that fall on a word's last byte (the next byte is a
     separator): a boundary there hands the main network's output to the separator, the position
-    that predicts the next word."""
+    that predicts the next word; and the fraction that fall on a separator byte itself (a chunk
+    that reads " word", the space leading)."""
     import numpy as np
     import torch
 
@@ -186,7 +187,8 @@ def word_start_stats(model, path: str, limit: int = 60_000, window: int = 2048) 
     separator = np.zeros(256, dtype=bool)
     separator[list(PUNCT)] = True
     data = open(path, "rb").read()[:limit]
-    hits, ends, starts, word_starts, word_ends, total = None, None, None, 0, 0, 0
+    hits, ends, seps, starts = None, None, None, None
+    word_starts, word_ends, separators, total = 0, 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(data), window):
             piece = np.frombuffer(data[i : i + window], dtype=np.uint8)
@@ -199,21 +201,26 @@ def word_start_stats(model, path: str, limit: int = 60_000, window: int = 2048) 
             j = np.arange(1, len(piece) - 1)
             is_word_start = separator[piece[j - 1]]
             is_word_end = separator[piece[j + 1]] & ~separator[piece[j]]
+            is_separator = separator[piece[j]]
             if hits is None:
-                hits, ends, starts = [0] * len(at_bytes), [0] * len(at_bytes), [0] * len(at_bytes)
+                hits, ends, seps, starts = ([0] * len(at_bytes) for _ in range(4))
             for s, b in enumerate(at_bytes):
                 b = b[j + 1].astype(bool)
                 hits[s] += int((b & is_word_start).sum())
                 ends[s] += int((b & is_word_end).sum())
+                seps[s] += int((b & is_separator).sum())
                 starts[s] += int(b.sum())
             word_starts += int(is_word_start.sum())
             word_ends += int(is_word_end.sum())
+            separators += int(is_separator.sum())
             total += len(j)
     return {"boundary_at_word_start": [h / max(n, 1) for h, n in zip(hits or [], starts or [])],
             "word_starts_covered": [h / max(word_starts, 1) for h in hits or []],
             "chance": word_starts / max(total, 1),
             "boundary_at_word_end": [e / max(n, 1) for e, n in zip(ends or [], starts or [])],
-            "chance_word_end": word_ends / max(total, 1), "bytes": len(data)}
+            "chance_word_end": word_ends / max(total, 1),
+            "boundary_at_separator": [e / max(n, 1) for e, n in zip(seps or [], starts or [])],
+            "chance_separator": separators / max(total, 1), "bytes": len(data)}
 
 
 def eval_bpb(model_dir: str, path: str, limit: int | None = None) -> dict:

@@ -125,15 +125,17 @@ def card(notes: str, ev: dict, summary: dict, stages: list, samples: list, vocab
                      f"{e['zstd --ultra -22']:.3f} | {e['bzip2 -9']:.3f} | {100 * (e['bits_per_byte'] / best - 1):+.1f}% | {bpc} |")
     lines += ["", "Where chunks start, first 60 KB of each set (`word_start_stats` in quality.py): at a word start (a "
               "byte after whitespace or ASCII punctuation) and, to check the other reading of a boundary, at a "
-              "word's last byte (the next byte is a separator). Chance is the share of all bytes of that kind:", "",
+              "word's last byte (the next byte is a separator) and on a separator itself (a chunk that reads "
+              "\" word\", the space leading). Chance is the share of all bytes of that kind:", "",
               "| held-out set | at word starts: stage 0 | stage 1 | chance | at word ends: stage 0 | stage 1 | "
-              "chance |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "chance | at separators: stage 0 | stage 1 | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in ev["sets"].items():
         w = e.get("word_starts")
         if w:
-            starts, ends = w["boundary_at_word_start"], w["boundary_at_word_end"]
+            starts, ends, seps = w["boundary_at_word_start"], w["boundary_at_word_end"], w["boundary_at_separator"]
             lines.append(f"| {name} | {starts[0]:.2f} | {starts[1]:.2f} | {w['chance']:.2f} | {ends[0]:.2f} | "
-                         f"{ends[1]:.2f} | {w['chance_word_end']:.2f} |")
+                         f"{ends[1]:.2f} | {w['chance_word_end']:.2f} | {seps[0]:.2f} | {seps[1]:.2f} | "
+                         f"{w['chance_separator']:.2f} |")
     lines += ["", "## Continuations", "", "300 bytes each, `hnet generate --model hnet_core/demo_model --prompt P "
               "--max-tokens 300 --temperature T --seed 0`. Real words: the continuation's letter runs that occur "
               "at least 3 times in the training text (case ignored; a word cut off by the byte limit is not "
