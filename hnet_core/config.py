@@ -247,8 +247,10 @@ class HNetConfig:
         if missing:
             raise HNetError(f"config is missing required field {missing[0]!r}")
         kwargs = {k: v for k, v in data.items() if k in known}
-        # The keys mlx-lm reads (written by hnet_core.mlx_lm_files) are not part of the model config.
-        ignored = {"model_type", "model_file", "bos_token_id", "eos_token_id"}
+        # The keys mlx-lm and transformers read or write (hnet_core.mlx_lm_files) are not part of the model config.
+        from .mlx_lm_files import CONFIG_KEYS, HF_WRITTEN_KEYS
+
+        ignored = {*CONFIG_KEYS, *HF_WRITTEN_KEYS}
         kwargs["extra"] = {k: v for k, v in data.items() if k not in known and k not in ignored}
         return cls(**kwargs)
 

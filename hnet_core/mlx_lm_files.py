@@ -1,10 +1,12 @@
-"""The files that make one of our model directories an mlx-lm / Hugging Face model directory too.
+"""The files that make one of our model directories an mlx-lm and a Hugging Face transformers one too.
 
 Written beside config.json + model.safetensors by every model-directory writer (and by
 `hnet-mlx add-mlx-lm DIR` for older directories). Our own loaders never read them.
 
 - config.json gains `model_type`, mlx-lm's `model_file` (a tiny module in the directory that imports
-  `hnet_mlx.mlx_lm_model`; it holds no model code) and the BOS/EOS ids.
+  `hnet_mlx.mlx_lm_model`; it holds no model code), the BOS/EOS/pad ids, and transformers'
+  `auto_map` + `architectures`: two tiny modules that import `hnet_core.hf_config` (AutoConfig)
+  and `hnet_torch.hf_model` (AutoModelForCausalLM), again without model code.
 - tokenizer.json + tokenizer_config.json: the official ByteTokenizer as a `tokenizers` tokenizer.
   Token id == byte value: a BPE model over the 256 GPT-2 byte characters with no merges, after a
   ByteLevel pre-tokenizer without regex or prefix space, so every UTF-8 byte becomes its own id;
@@ -27,11 +29,18 @@ from .tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
 
 MODEL_TYPE = "hnet"
 MODEL_FILE = "hnet_mlx_lm.py"
+HF_CONFIG_FILE = "configuration_hnet.py"
+HF_MODEL_FILE = "modeling_hnet.py"
+HF_CONFIG_CLASS = "HNetHFConfig"
+HF_MODEL_CLASS = "HNetHFForCausalLM"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # Keys written into config.json for mlx-lm; HNetConfig.from_dict drops them again.
-CONFIG_KEYS = ("model_type", "model_file", "bos_token_id", "eos_token_id")
-EXTRA_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE)
+# transformers' save_pretrained adds a few more of its own (see HF_WRITTEN_KEYS).
+CONFIG_KEYS = ("model_type", "model_file", "bos_token_id", "eos_token_id", "pad_token_id", "auto_map", "architectures")
+HF_WRITTEN_KEYS = ("transformers_version", "dtype", "torch_dtype", "tie_word_embeddings", "use_cache",
+                   "max_position_embeddings", "output_attentions", "output_hidden_states", "return_dict")
+EXTRA_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MODEL_FILE, HF_CONFIG_FILE, HF_MODEL_FILE)
 
 MODEL_MODULE = '''"""mlx-lm entry point for this H-Net model directory (written by hnet-mlx; no model code here).
 
@@ -45,6 +54,33 @@ try:
     from hnet_mlx.mlx_lm_model import Model, ModelArgs  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError(f"this H-Net model needs the hnet-mlx package: pip install 'hnet-mlx[mlx]' ({e})") from None
+'''
+
+HF_CONFIG_MODULE = '''"""transformers' AutoConfig entry point for this H-Net model directory (written by hnet-mlx; no code here).
+
+Needs the hnet-mlx package with transformers: pip install "hnet-mlx[transformers]".
+"""
+
+try:
+    from hnet_core.hf_config import HNetHFConfig  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(f"this H-Net model needs the hnet-mlx package: pip install 'hnet-mlx[transformers]' ({e})") from None
+'''
+
+HF_MODEL_MODULE = '''"""transformers' AutoModelForCausalLM entry point for this H-Net model directory (written by hnet-mlx;
+no model code here: it runs hnet_torch).
+
+    model = AutoModelForCausalLM.from_pretrained("THIS_DIR", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("THIS_DIR", trust_remote_code=True)
+
+Needs the hnet-mlx package with torch and transformers: pip install "hnet-mlx[transformers]".
+"""
+
+try:
+    from hnet_core.hf_config import HNetHFConfig  # noqa: F401
+    from hnet_torch.hf_model import HNetHFForCausalLM  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError(f"this H-Net model needs the hnet-mlx package: pip install 'hnet-mlx[transformers]' ({e})") from None
 '''
 
 
@@ -96,6 +132,7 @@ def tokenizer_config() -> dict:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": chars[BOS_ID],
         "eos_token": chars[EOS_ID],
+        "pad_token": chars[EOS_ID],  # batches need one; EOS also ends a document, so padding reads as "no more text"
         "clean_up_tokenization_spaces": False,
         "split_special_tokens": True,
         "model_max_length": 1 << 30,
@@ -103,7 +140,10 @@ def tokenizer_config() -> dict:
 
 
 def config_keys() -> dict:
-    return {"model_type": MODEL_TYPE, "model_file": MODEL_FILE, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    return {"model_type": MODEL_TYPE, "model_file": MODEL_FILE, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+            "pad_token_id": EOS_ID, "architectures": [HF_MODEL_CLASS],
+            "auto_map": {"AutoConfig": f"{HF_CONFIG_FILE[:-3]}.{HF_CONFIG_CLASS}",
+                         "AutoModelForCausalLM": f"{HF_MODEL_FILE[:-3]}.{HF_MODEL_CLASS}"}}
 
 
 def write_config(directory: str, config: dict) -> None:
@@ -116,6 +156,8 @@ def write_tokenizer_and_module(directory: str) -> None:
     atomic_write_text(os.path.join(directory, TOKENIZER_CONFIG_FILE),
                       json.dumps(tokenizer_config(), ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(os.path.join(directory, MODEL_FILE), MODEL_MODULE)
+    atomic_write_text(os.path.join(directory, HF_CONFIG_FILE), HF_CONFIG_MODULE)
+    atomic_write_text(os.path.join(directory, HF_MODEL_FILE), HF_MODEL_MODULE)
 
 
 def write_model_files(directory: str, config: dict) -> None:
@@ -125,7 +167,7 @@ def write_model_files(directory: str, config: dict) -> None:
 
 
 def add_to_directory(directory: str) -> list[str]:
-    """Make an existing model directory an mlx-lm one (each file replaced atomically); returns the files written."""
+    """Make an existing model directory an mlx-lm and transformers one (each file replaced atomically); returns the files written."""
     from .config import HNetConfig
     from .errors import HNetError
     from .io import is_model_dir
