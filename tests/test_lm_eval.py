@@ -47,7 +47,7 @@ def _run_hf(model_dir: str, tasks: list[str], batch_size: int = 4) -> dict:
     for names, bos in runs:
         args = f"pretrained={model_dir},trust_remote_code=True,dtype=float32,add_bos_token={bos}"
         out = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=names, batch_size=batch_size, device="cpu",
-                                      task_manager=TaskManager(include_path=TASKS), log_samples=True)
+                                      task_manager=TaskManager(include_path=TASKS, include_defaults=False), log_samples=True)
         merged["results"].update(out["results"])
         merged["samples"].update(out["samples"])
     return merged
@@ -112,8 +112,7 @@ def test_lm_eval_hf_generate_until_equals_hnet_generate_on_the_official_fixture(
 
 @pytest.mark.slow
 def test_lm_eval_cli_runs_our_directory_with_batches(tmp_path):
-    cli = os.path.join(os.path.dirname(sys.executable), "lm_eval")
-    out = subprocess.run([cli, "--model", "hf", "--model_args",
+    out = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                           f"pretrained={DEMO},trust_remote_code=True,dtype=float32,add_bos_token=True",
                           "--tasks", "hnet_tiny_mc,hnet_tiny_gen", "--include_path", TASKS, "--device", "cpu",
                           "--batch_size", "4", "--output_path", str(tmp_path)],
@@ -131,7 +130,7 @@ def test_mlx_lm_evaluate_loglikelihoods_equal_ours(tmp_path):
     save_pretrained(load_pretrained(DEMO), model_dir)
     lm = MLXLM(model_dir, batch_size=4, trust_remote_code=True)
     results = lm_eval.simple_evaluate(model=lm, tasks=["hnet_tiny_mc", "hnet_tiny_rolling"],
-                                      task_manager=TaskManager(include_path=TASKS), log_samples=True)
+                                      task_manager=TaskManager(include_path=TASKS, include_defaults=False), log_samples=True)
     ref = load_pretrained(DEMO)
     for sample in results["samples"]["hnet_tiny_mc"]:
         for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
