@@ -166,6 +166,21 @@ def write_model_files(directory: str, config: dict) -> None:
     write_tokenizer_and_module(directory)
 
 
+# A base model has no chat format; this template passes the messages through as plain text, so
+# chat front ends (mlx_lm.chat) continue what the user typed. Opt-in only: with any template in
+# tokenizer_config.json, mlx_lm.generate and mlx_lm.evaluate would apply it by default and drop BOS.
+PLAIN_CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def add_chat_template(directory: str, template: str = PLAIN_CHAT_TEMPLATE) -> None:
+    """Give a model directory's tokenizer a chat template (default: plain continuation)."""
+    path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["chat_template"] = template
+    atomic_write_text(path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+
+
 def add_to_directory(directory: str) -> list[str]:
     """Make an existing model directory an mlx-lm and transformers one (each file replaced atomically); returns the files written."""
     from .config import HNetConfig
