@@ -24,6 +24,7 @@ LAZY_COMMANDS = {
     "finetune": ("hnet_mlx.train", "finetune_command", "mlx"),
     "fuse": ("hnet_mlx.lora", "fuse_command", "mlx"),
     "eval": ("hnet_mlx.evaluate", "eval_command", "mlx"),
+    "blas-hook": ("hnet_core.blas_hook_cli", "blas_hook_command", None),
 }
 
 # The small demo model shipped with the package (hnet_core/demo_model), used when --model is omitted.
