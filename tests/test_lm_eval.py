@@ -88,11 +88,20 @@ def _hnet_eval_bits_per_byte(model_dir: str) -> float:
 
 def test_lm_eval_hf_loglikelihoods_equal_ours_and_bits_per_byte_equal_hnet_eval():
     results = _run_hf(DEMO, ["hnet_tiny_mc", "hnet_tiny_rolling"])
-    assert _check_loglikelihoods(results, load_pretrained(DEMO)) == 15 + 3
+    assert _check_loglikelihoods(results, load_pretrained(DEMO)) == 18 + 3
     rolling = results["results"]["hnet_tiny_rolling"]
     assert rolling["bits_per_byte,none"] == pytest.approx(_hnet_eval_bits_per_byte(DEMO), rel=1e-5)
     assert rolling["byte_perplexity,none"] == pytest.approx(2 ** rolling["bits_per_byte,none"], rel=1e-9)
-    assert 0 <= results["results"]["hnet_tiny_mc"]["acc,none"] <= 1
+    # acc_norm divides by characters, acc_bytes by UTF-8 bytes (the same for ASCII choices)
+    by_bytes = by_chars = 0
+    for sample in results["samples"]["hnet_tiny_mc"]:
+        lls = [r[0][0] for r in sample["resps"]]
+        choices = sample["doc"]["choices"]
+        by_bytes += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i].encode())) == sample["target"]
+        by_chars += max(range(len(lls)), key=lambda i: lls[i] / len(choices[i])) == sample["target"]
+    n = len(results["samples"]["hnet_tiny_mc"])
+    assert results["results"]["hnet_tiny_mc"]["acc_bytes,none"] == pytest.approx(by_bytes / n)
+    assert results["results"]["hnet_tiny_mc"]["acc_norm,none"] == pytest.approx(by_chars / n)
 
 
 @pytest.mark.slow
@@ -101,7 +110,7 @@ def test_lm_eval_hf_generate_until_equals_hnet_generate_on_the_official_fixture(
     save_pretrained(load_pretrained(FIXTURE_DIR), model_dir)
     ref = load_pretrained(model_dir)
     results = _run_hf(model_dir, ["hnet_tiny_mc", "hnet_tiny_rolling", "hnet_tiny_gen"], batch_size=3)
-    assert _check_loglikelihoods(results, ref) == 18
+    assert _check_loglikelihoods(results, ref) == 21
     for sample in results["samples"]["hnet_tiny_gen"]:
         context, options = sample["arguments"][0]
         want = hnet_generate(ref, context, max_tokens=options["max_gen_toks"], temperature=0).split("\n")[0]

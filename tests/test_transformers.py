@@ -249,3 +249,9 @@ def test_input_longer_than_the_configured_limit_is_one_clear_error(tmp_path, dem
         model(**enc)
     with pytest.raises(HNetError, match="max_position_embeddings 16"):
         model.generate(**tokenizer(["x" * 10], return_tensors="pt"), max_new_tokens=10, do_sample=False)
+
+
+def test_beam_search_is_refused_in_one_line(demo):
+    model, tokenizer, _ = demo
+    with pytest.raises(HNetError, match="beam search is not supported"):
+        model.generate(**tokenizer(["The"], return_tensors="pt"), max_new_tokens=4, num_beams=2, do_sample=False)
