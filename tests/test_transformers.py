@@ -87,7 +87,8 @@ def test_labels_give_shifted_cross_entropy(demo):
 
 
 def test_trainer_steps_reduce_the_loss(tmp_path):
-    from datasets import Dataset
+    pytest.importorskip("accelerate")  # Trainer needs it (the transformers extra installs it)
+    Dataset = pytest.importorskip("datasets").Dataset
 
     model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(DEMO, trust_remote_code=True)
@@ -179,8 +180,9 @@ def test_save_pretrained_loads_in_transformers_hnet_torch_hnet_mlx_and_mlx_lm(de
         torch.testing.assert_close(load_pretrained(out)(ids).logits, want)
     mx = pytest.importorskip("mlx.core")
     import hnet_mlx
-    import mlx_lm
     import numpy as np
+
+    mlx_lm = pytest.importorskip("mlx_lm")
 
     mlx_model = hnet_mlx.load_pretrained(out)
     np.testing.assert_allclose(np.array(mlx_model(mx.array(ids.numpy())).logits), want.numpy(), rtol=1e-3, atol=1e-3)
