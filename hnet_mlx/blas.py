@@ -5,7 +5,7 @@ about 25x slower than an optimized one (8 vs 225 GFLOP/s measured on this projec
 are looked up in the process's global scope first, so a BLAS loaded there with RTLD_GLOBAL *before*
 libmlx.so is loaded serves MLX's calls instead; once MLX is loaded its symbols are bound and loading
 a BLAS changes nothing (then only `LD_PRELOAD=libopenblas.so.0` at process start helps, e.g. for
-mlx-lm's own commands).
+mlx-lm's own commands, or the start-up hook of hnet_core/mlx_blas_startup.py that does the same for them).
 
 `hnet_mlx` calls `preload()` first thing on import. HNET_MLX_BLAS=off turns it off; HNET_MLX_BLAS=PATH
 names another LP64 CBLAS library. macOS needs none of this (MLX uses Accelerate / Metal).
@@ -23,7 +23,8 @@ HINT = ("hnet_mlx: no optimized BLAS found, so MLX's CPU matmuls use the slow re
         "mlx[cpu] (~25x slower); install one (Debian/Ubuntu: apt-get install libopenblas0), or set "
         f"{ENV}=off to silence this")
 LATE_HINT = ("hnet_mlx: MLX was imported before hnet_mlx could load OpenBLAS, so it uses its slow bundled "
-             "reference BLAS; start the process with LD_PRELOAD={lib} (or import hnet_mlx before mlx)")
+             "reference BLAS; start the process with LD_PRELOAD={lib} (or import hnet_mlx before mlx; for "
+             "mlx_lm.* commands, `hnet-mlx blas-hook install` does it once per environment)")
 
 status = "not checked"  # what `describe()` reports
 _done = False

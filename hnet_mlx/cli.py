@@ -5,7 +5,8 @@
     hnet-mlx generate --model DIR --prompt-cache-file doc.safetensors --prompt " and then"
     hnet-mlx chunks --model DIR --text "..." [--html page.html]
     hnet-mlx train / finetune / fuse / eval
-    hnet-mlx add-mlx-lm DIR             (make an older model directory an mlx-lm one)
+    hnet-mlx add-mlx-lm DIR             (make an older model directory an mlx-lm and transformers one)
+    hnet-mlx blas-hook install          (OpenBLAS for mlx_lm.* commands on Linux)
 """
 
 from __future__ import annotations
@@ -184,8 +185,10 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
 @main.command("add-mlx-lm")
 @click.argument("directory", type=click.Path(file_okay=False))
 def add_mlx_lm(directory):
-    """Add what mlx-lm needs (tokenizer.json, tokenizer_config.json, config keys, model_file) to an
-    existing model DIRECTORY, so `mlx_lm.generate --model DIRECTORY --trust-remote-code` runs it."""
+    """Add what mlx-lm and transformers need (tokenizer.json, tokenizer_config.json, config keys,
+    model_file, auto_map modules) to an existing model DIRECTORY, so `mlx_lm.generate --model
+    DIRECTORY --trust-remote-code` and `AutoModelForCausalLM.from_pretrained(DIRECTORY,
+    trust_remote_code=True)` run it."""
     from hnet_core import mlx_lm_files
 
     written = mlx_lm_files.add_to_directory(directory)

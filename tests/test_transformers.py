@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from hnet_core import mlx_lm_files  # noqa: E402
 from hnet_core.errors import HNetError  # noqa: E402
 from hnet_torch import generate as hnet_generate  # noqa: E402
 from hnet_torch import load_pretrained, save_pretrained  # noqa: E402
@@ -257,3 +258,19 @@ def test_beam_search_is_refused_in_one_line(demo):
     model, tokenizer, _ = demo
     with pytest.raises(HNetError, match="beam search is not supported"):
         model.generate(**tokenizer(["The"], return_tensors="pt"), max_new_tokens=4, num_beams=2, do_sample=False)
+
+
+def test_add_mlx_lm_makes_an_older_directory_a_transformers_one(tmp_path, demo):
+    _, _, ref = demo
+    out = str(tmp_path / "old")
+    os.makedirs(out)
+    shutil.copy(os.path.join(DEMO, "model.safetensors"), out)
+    config = json.load(open(os.path.join(DEMO, "config.json")))
+    old = {k: v for k, v in config.items() if k not in mlx_lm_files.CONFIG_KEYS}  # as written before any ecosystem keys
+    json.dump(old, open(os.path.join(out, "config.json"), "w"))
+    cli = os.path.join(os.path.dirname(sys.executable), "hnet-mlx")
+    subprocess.run([cli, "add-mlx-lm", out], check=True, capture_output=True)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.tensor([[254, *b"upgraded"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
