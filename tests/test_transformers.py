@@ -11,6 +11,10 @@ import sys
 
 import pytest
 
+# offline: every model, tokenizer and data file here is local (read before transformers is imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
