@@ -278,3 +278,10 @@ def test_add_mlx_lm_makes_an_older_directory_a_transformers_one(tmp_path, demo):
     ids = torch.tensor([[254, *b"upgraded"]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_bf16_greedy_generate_equals_hnet_generate_in_bf16(demo):
+    _, tokenizer, _ = demo
+    model = AutoModelForCausalLM.from_pretrained(DEMO, trust_remote_code=True, dtype=torch.bfloat16)
+    want = hnet_generate(load_pretrained(DEMO, dtype="bfloat16"), PROMPTS, max_tokens=24, temperature=0)
+    assert _greedy(model, tokenizer, PROMPTS, 24) == want
