@@ -2,8 +2,8 @@
 compiled SSD scan + torch.compile'd blocks, side by side in one run (one subprocess per variant,
 so each peak memory is its own).
 
-    python bench/bench_cuda_train.py                      # CUDA: hnet_2stage_XL, 8 x 8192 bytes, bf16 autocast
-    python bench/bench_cuda_train.py --shape small --device cpu --seq-len 1024 --batch 4 --steps 4
+    python -m bench.bench_cuda_train                      # CUDA: hnet_2stage_XL, 8 x 8192 bytes, bf16 autocast
+    python -m bench.bench_cuda_train --shape small --device cpu --seq-len 1024 --batch 4 --steps 4
 
 Variants (`--kernels` / `--compile` of `hnet train`):
   eager     set_kernels("off"): pure scan, shifted-sum conv, SDPA with an (L x L) mask; no compile;
@@ -27,7 +27,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 SMALL = {
     "arch_layout": ["m2", ["m2", ["T3"], "m2"], "m2"], "d_model": [128, 192, 256], "d_intermediate": [0, 0, 640],
@@ -143,11 +142,11 @@ def main() -> None:
     phases = args.phases.split(",") if args.phases else (["train"] if cuda else ["train", "prefill"])
     for phase in phases:
         for variant in ("eager", "compiled"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--phase", phase,
+            cmd = [sys.executable, "-m", "bench.bench_cuda_train", "--variant", variant, "--phase", phase,
                    "--device", args.device, "--shape", args.shape, "--seq-len", str(args.seq_len),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
             if proc.returncode != 0 or not lines:
                 print(f"{phase}/{variant} failed:\n{proc.stderr[-3000:]}", flush=True)

@@ -1,7 +1,7 @@
 """Prefill and decode throughput of hnet_mlx on this machine's CPU, with the same random weights,
 prompt and protocol as bench/bench_torch.py (official shapes).
 
-    python bench/bench_mlx.py --model hnet_1stage_L --dtypes float32 float16 bfloat16
+    python -m bench.bench_mlx --model hnet_1stage_L --dtypes float32 float16 bfloat16
 
 The weights come from bench_torch.build (torch RNG, same seed), written once by a torch subprocess
 into --weights-dir and converted to MLX on load, so MLX and torch compute with identical weights
@@ -30,14 +30,13 @@ import time
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+from hnet_core.tokenizer import encode
+from hnet_mlx import load_pretrained
 
-from bench_torch import sample_text  # noqa: E402  (pure Python: reading the corpus)
-
-from hnet_core.tokenizer import encode  # noqa: E402
-from hnet_mlx import load_pretrained  # noqa: E402
+from .bench_torch import sample_text  # pure Python: reading the corpus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 def blas_in_use() -> str:
@@ -49,9 +48,9 @@ def torch_weights(name: str, directory: str) -> str:
     """Our torch model directory holding bench_torch.build(name, float32), made once by a subprocess."""
     path = os.path.join(directory, f"{name}_seed0_float32")
     if not os.path.exists(os.path.join(path, "config.json")):
-        code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from bench_torch import build; "
-                "from hnet_torch import save_pretrained; save_pretrained(build(sys.argv[2], torch.float32), sys.argv[3])")
-        subprocess.run([sys.executable, "-c", code, HERE, name, path], check=True)
+        code = ("import sys, torch; from bench.bench_torch import build; "
+                "from hnet_torch import save_pretrained; save_pretrained(build(sys.argv[1], torch.float32), sys.argv[2])")
+        subprocess.run([sys.executable, "-c", code, name, path], check=True, cwd=REPO)
     return path
 
 

@@ -1,8 +1,8 @@
 """Prefill and decode throughput of the ONNX export in onnxruntime vs hnet_torch eager on this CPU,
 with the same random weights, and the size of the exported files.
 
-    python bench/bench_onnx.py                       # hnet_1stage_L shape + a small 2-stage shape
-    python bench/bench_onnx.py --models small_2stage --threads 2
+    python -m bench.bench_onnx                       # hnet_1stage_L shape + a small 2-stage shape
+    python -m bench.bench_onnx --models small_2stage --threads 2
 
 Same protocol as bench/bench_torch.py (whose `build`, `measure_prefill` and `measure_decode` run
 the torch side): prefill = one forward over --prefill-bytes of real text, best of --repeats;
@@ -20,18 +20,16 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from hnet_core.config import HNetConfig
+from hnet_core.tokenizer import encode
 
-from bench_torch import build, measure_decode, measure_prefill, sample_text  # noqa: E402
-
-from hnet_core.config import HNetConfig  # noqa: E402
-from hnet_core.tokenizer import encode  # noqa: E402
+from . import bench_torch
+from .bench_torch import build, measure_decode, measure_prefill, sample_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,8 +45,6 @@ SMALL_2STAGE = {
 
 def build_model(name: str):
     if name == "small_2stage":
-        import bench_torch
-
         original = bench_torch.official_config
         bench_torch.official_config = lambda _name: HNetConfig.from_dict(SMALL_2STAGE)  # same init recipe
         try:

@@ -1,8 +1,8 @@
 """Quantized ONNX exports (int8 / int4 MatMulNBits) against float32 on this CPU: decode speed, peak
 memory with and without weights shared between sessions, export time, and quality on real text.
 
-    flock /tmp/heavy.lock python bench/bench_onnx_quant.py                    # everything
-    python bench/bench_onnx_quant.py --models small_2stage medium_1stage --skip-quality
+    flock /tmp/heavy.lock python -m bench.bench_onnx_quant                    # everything
+    python -m bench.bench_onnx_quant --models small_2stage medium_1stage --skip-quality
 
 Speed: random weights of each shape (bench_torch.build), exported once in float32 (kept under
 --work), then quantize_export to int8 and int4 (block size --block-size). Each configuration runs
@@ -33,7 +33,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-sys.path.insert(0, HERE)
 
 DATA = os.environ.get("HNET_DATA", os.path.join(ROOT, "..", "shared", "data"))  # --data sets it for the children
 # About 100 M parameters, the official 1-stage layout at a smaller width.
@@ -65,9 +64,10 @@ def peak_rss() -> int:
 def build_model(name: str):
     import torch
 
-    import bench_torch
-    from bench_onnx import build_model as build_named
     from hnet_core.config import HNetConfig
+
+    from . import bench_torch
+    from .bench_onnx import build_model as build_named
 
     if name == "medium_1stage":
         original = bench_torch.official_config
@@ -124,7 +124,8 @@ def child(argv: list[str]) -> None:
 
 
 def run_child(*args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_onnx_quant", "--child", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """Prefill and decode throughput of hnet_torch on this machine's CPU (random weights, official shapes).
 
-    python bench/bench_torch.py --model hnet_1stage_L --dtypes float32 bfloat16
+    python -m bench.bench_torch --model hnet_1stage_L --dtypes float32 bfloat16
 
 Prefill: one forward over a prompt of --prefill-bytes real text bytes (best of --repeats).
 Decode: prefill --decode-prompt bytes, then --decode-bytes steps fed with the real continuation

@@ -1,6 +1,6 @@
 """The PyTorch trainer on a CUDA GPU: CPU/GPU agreement, fp32 vs bf16 autocast speed, exact resume, the CLI.
 
-    python bench/gpu_train_check.py [--out DIR] [--steps 30]
+    python -m bench.gpu_train_check [--out DIR] [--steps 30]
 
 Needs a CUDA GPU (prints a notice and exits 0 without one). Corpus: the repository's own .py and
 .md files concatenated (nothing to download). Checks, in one process:
@@ -27,13 +27,12 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
+import torch
 
-from hnet_core.config import HNetConfig  # noqa: E402
-from hnet_core.data import BatchSampler, frame  # noqa: E402
-from hnet_core.train_config import TrainConfig  # noqa: E402
+from hnet_core.config import HNetConfig
+from hnet_core.data import BatchSampler, frame
+from hnet_core.train_config import TrainConfig
 
 SMALL = {
     "arch_layout": ["m2", ["m2", ["T3"], "m2"], "m2"], "d_model": [128, 192, 256], "d_intermediate": [0, 0, 640],
