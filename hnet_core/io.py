@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import HNetError
 
@@ -98,6 +98,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON value in file `path`; a missing file or one that is not JSON is one HNetError line
+    naming `what` ("config file", "training config")."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise HNetError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HNetError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int) -> None:
+    """`data` as indented JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 @contextmanager
