@@ -25,7 +25,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +33,7 @@ from hnet_core.tokenizer import encode
 from hnet_mlx import load_pretrained
 
 from .bench_torch import sample_text  # pure Python: reading the corpus
+from .timing import best_time, timed_decode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -57,13 +57,14 @@ def torch_weights(name: str, directory: str) -> str:
 def measure_prefill(model, text: bytes, repeats: int) -> dict:
     ids = mx.array([encode(text)])
     mx.eval(model(ids[:, :64]).logits)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
+
+    def prefill():
         out = model(ids)
         mx.eval(out.logits)
-        best = min(best, time.perf_counter() - t0)
+        return out
+
+    mx.reset_peak_memory()
+    best, out = best_time(prefill, repeats)
     rate = float(out.routing[0].boundary_mask.astype(mx.float32).mean().item())
     return {"bytes": ids.shape[1], "seconds": best, "bytes_per_s": ids.shape[1] / best, "boundary_rate": rate,
             "peak_memory": int(mx.get_peak_memory())}
@@ -73,17 +74,14 @@ def measure_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     ids = np.array([encode(text)], dtype=np.int32)
     mx.reset_peak_memory()
     cache = model.allocate_inference_cache(batch_size=1, max_seqlen=prompt_bytes + steps + 8)
-    mx.eval(model(mx.array(ids[:, :prompt_bytes]), cache=cache).logits)
-    for t in range(prompt_bytes, prompt_bytes + 4):  # warm-up steps (trace the compiled step)
-        np.array(model.step(ids[:, t : t + 1], cache).logits.astype(mx.float32))
-    start = prompt_bytes + 4
-    boundaries = 0
-    t0 = time.perf_counter()
-    for t in range(start, start + steps):
-        out = model.step(ids[:, t : t + 1], cache)
+
+    def step(x):  # the logits copied to the host, as generation does (the warm-up steps trace the compiled step)
+        out = model.step(x, cache)
         np.array(out.logits.astype(mx.float32))
-        boundaries += int(np.array(out.routing[0].boundary_mask).sum())
-    seconds = time.perf_counter() - t0
+        return out
+
+    seconds, outs = timed_decode(lambda x: mx.eval(model(mx.array(x), cache=cache).logits), step, ids, prompt_bytes, steps)
+    boundaries = sum(int(np.array(out.routing[0].boundary_mask).sum()) for out in outs)
     return {"bytes": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps,
             "peak_memory": int(mx.get_peak_memory())}
 

@@ -31,6 +31,8 @@ import time
 
 import numpy as np
 
+from .timing import timed_decode
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 
@@ -113,13 +115,9 @@ def child(argv: list[str]) -> None:
         prompt = 64
         for b in (1, batch):
             rows = np.array([encode(english(prompt + steps + 8, 10_000 + 5_000 * i)[: prompt + steps + 7]) for i in range(b)])
-            model.prefill(rows[:, :prompt], capacity=prompt + steps + 8)
-            for t in range(prompt, prompt + 4):
-                model.step(rows[:, t : t + 1])
-            t0 = time.perf_counter()
-            for t in range(prompt + 4, prompt + 4 + steps):
-                model.step(rows[:, t : t + 1])
-            out[f"batch{b}_bytes_per_s"] = b * steps / (time.perf_counter() - t0)
+            seconds, _ = timed_decode(lambda x: model.prefill(x, capacity=prompt + steps + 8), model.step, rows,
+                                      prompt, steps)
+            out[f"batch{b}_bytes_per_s"] = b * steps / seconds
     print(json.dumps(out), flush=True)
 
 
@@ -144,13 +142,8 @@ def torch_decode(name: str, steps: int, batch: int, threads: int) -> dict:
         for b in (1, batch):
             ids = torch.tensor([encode(english(prompt + steps + 8, 10_000 + 5_000 * i)[: prompt + steps + 7]) for i in range(b)])
             cache = model.allocate_inference_cache(batch_size=b, max_seqlen=prompt + steps + 8)
-            model(ids[:, :prompt], cache=cache)
-            for t in range(prompt, prompt + 4):
-                model.step(ids[:, t : t + 1], cache)
-            t0 = time.perf_counter()
-            for t in range(prompt + 4, prompt + 4 + steps):
-                model.step(ids[:, t : t + 1], cache)
-            out[f"batch{b}_bytes_per_s"] = b * steps / (time.perf_counter() - t0)
+            seconds, _ = timed_decode(lambda x: model(x, cache=cache), lambda x: model.step(x, cache), ids, prompt, steps)
+            out[f"batch{b}_bytes_per_s"] = b * steps / seconds
     return out
 
 
