@@ -14,18 +14,16 @@ to the last, as `hnet generate -v` reports it.
 from __future__ import annotations
 
 import argparse
-import functools
-import http.server
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 from hnet_core.sampling import SamplingParams
 from hnet_core.streaming import collect_texts
+from tests import browser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JS_DIR = os.path.join(os.path.dirname(HERE), "export", "js")
@@ -63,56 +61,33 @@ def node_run(model_dir: str, tokens: int, repeats: int) -> tuple[float, str]:
 
 
 def browser_run(model_dir: str, tokens: int, repeats: int, screenshot: str | None):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
+    reason = browser.missing()
+    if reason:
+        raise RuntimeError(reason)
     work = tempfile.mkdtemp()
     site = os.path.join(work, "site")
     subprocess.run([sys.executable, "-m", "hnet_core.cli", "export", "onnx", "--model", model_dir, "--web", site],
                    check=True, capture_output=True)
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(site) for f in fs)
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=site))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,640",
-                 f"--user-data-dir={os.path.join(work, 'profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        t0 = time.perf_counter()
-        driver.get(f"http://127.0.0.1:{server.server_port}/index.html")
-        status = driver.find_element(By.ID, "status")
-        WebDriverWait(driver, 600).until(lambda d: status.get_attribute("data-state") in ("ready", "error"))
-        load = time.perf_counter() - t0
-        # What the page fetched (graphs are loaded lazily: only the prefill and the step graph it uses).
-        fetched = driver.execute_script(
-            "return performance.getEntriesByType('resource').reduce((a, e) => a + (e.encodedBodySize || 0), 0)"
-            " + (performance.getEntriesByType('navigation')[0]?.encodedBodySize || 0)")
-        limit = driver.find_element(By.ID, "max-tokens")
-        limit.clear()
-        limit.send_keys(str(tokens))
-        best, text = 0.0, ""
-        for r in range(repeats):
-            box = driver.find_element(By.ID, "prompt")
-            box.clear()
-            box.send_keys(PROMPT)  # an input event: the page generates once typing pauses
-            WebDriverWait(driver, 600).until(lambda d: status.get_attribute("data-state") in ("done", "error"))
-            best = max(best, float(status.get_attribute("data-decode-bytes-per-second")))
-            text = driver.find_element(By.ID, "output").get_attribute("data-text")
-        if screenshot:
-            driver.save_screenshot(screenshot)
+        with browser.WebPage(site, os.path.join(work, "profile")) as page:
+            t0 = time.perf_counter()
+            page.load(600)
+            load = time.perf_counter() - t0
+            # What the page fetched (graphs are loaded lazily: only the prefill and the step graph it uses).
+            fetched = page.driver.execute_script(
+                "return performance.getEntriesByType('resource').reduce((a, e) => a + (e.encodedBodySize || 0), 0)"
+                " + (performance.getEntriesByType('navigation')[0]?.encodedBodySize || 0)")
+            page.set_max_tokens(tokens)
+            best, text = 0.0, ""
+            for _ in range(repeats):
+                page.generate(PROMPT, 600, clear=True)
+                best = max(best, float(page.element("status").get_attribute("data-decode-bytes-per-second")))
+                text = page.element("output").get_attribute("data-text")
+            if screenshot:
+                page.driver.save_screenshot(screenshot)
     finally:
-        driver.quit()
-        server.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     return best, text, load, size, fetched
 
