@@ -269,7 +269,7 @@ class HNetConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "HNetConfig":
-        return cls.from_dict(read_json(path, "config file"))
+        return cls.from_dict(read_json(path, "config file not found: {path}", "config file {path} is not valid JSON ({error})"))
 
     def to_json(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict(), indent=4)

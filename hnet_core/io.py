@@ -100,17 +100,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The JSON value in file `path`; a missing file or one that is not JSON is one HNetError line
-    naming `what` ("config file", "training config")."""
+def read_json(path: str | os.PathLike, not_found: str = "{path} not found",
+              invalid: str = "{path} is not valid JSON ({error})") -> Any:
+    """The JSON value in file `path`; a missing file or one that is not JSON is one HNetError line, the
+    `not_found` or `invalid` message with {path} (and {error}) filled in."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise HNetError(f"{what} not found: {path}")
+        raise HNetError(not_found.format(path=path))
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HNetError(f"{what} {path} is not valid JSON ({e})") from None
+        raise HNetError(invalid.format(path=path, error=e)) from None
 
 
 def write_json(path: str | os.PathLike, data: Any, indent: int) -> None:

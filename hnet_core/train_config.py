@@ -144,7 +144,8 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        return cls.from_dict(read_json(path, "training config"))
+        return cls.from_dict(read_json(path, "training config not found: {path}",
+                                       "training config {path} is not valid JSON ({error})"))
 
     def to_json(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict(), indent=2)
