@@ -1,6 +1,6 @@
 """MLX on Linux with and without the OpenBLAS preload (hnet_mlx/blas.py), beside torch, in one run.
 
-    flock /tmp/heavy.lock python bench/bench_blas.py
+    flock /tmp/heavy.lock python -m bench.bench_blas
 
 Three configurations, each in its own fresh process (the BLAS is chosen once per process):
 MLX with HNET_MLX_BLAS=off (the reference BLAS bundled with mlx[cpu]), MLX as `import hnet_mlx`
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bench_config(d: int) -> dict:
@@ -149,8 +149,8 @@ def main() -> None:
         rows = []
         for worker, env in [("mlx", {"HNET_MLX_BLAS": "off"}), ("mlx", {}), ("torch", {})]:
             environment = {k: v for k, v in os.environ.items() if k not in ("HNET_MLX_BLAS", "LD_PRELOAD")}
-            out = subprocess.run([sys.executable, __file__, "--worker", worker, "--weights", weights, *passthrough],
-                                 env={**environment, **env}, capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "bench.bench_blas", "--worker", worker, "--weights", weights,
+                                  *passthrough], env={**environment, **env}, cwd=REPO, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"done: {rows[-1]['name']} / {rows[-1]['blas']}", file=sys.stderr, flush=True)
     print(f"\nmodel: {json.dumps(bench_config(args.d_model))}")

@@ -2,8 +2,8 @@
 compiled SSD scan + torch.compile'd blocks, side by side in one run (one subprocess per variant,
 so each peak memory is its own).
 
-    python bench/bench_cuda_train.py                      # CUDA: hnet_2stage_XL, 8 x 8192 bytes, bf16 autocast
-    python bench/bench_cuda_train.py --shape small --device cpu --seq-len 1024 --batch 4 --steps 4
+    python -m bench.bench_cuda_train                      # CUDA: hnet_2stage_XL, 8 x 8192 bytes, bf16 autocast
+    python -m bench.bench_cuda_train --shape small --device cpu --seq-len 1024 --batch 4 --steps 4
 
 Variants (`--kernels` / `--compile` of `hnet train`):
   eager     set_kernels("off"): pure scan, shifted-sum conv, SDPA with an (L x L) mask; no compile;
@@ -18,36 +18,13 @@ max_memory_allocated, CPU the process's peak RSS. Prints a markdown table; `--js
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import resource
 import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-SMALL = {
-    "arch_layout": ["m2", ["m2", ["T3"], "m2"], "m2"], "d_model": [128, 192, 256], "d_intermediate": [0, 0, 640],
-    "ssm_cfg": {"chunk_size": 64, "d_conv": 4, "d_state": 32, "expand": 2},
-    "attn_cfg": {"num_heads": [2, 3, 4], "rotary_emb_dim": [32, 32, 32], "window_size": [-1, -1, -1]},
-}
-
-
-def corpus_bytes(limit: int) -> bytes:
-    """The repository's own .py and .md files, repeated to `limit` bytes (nothing to download)."""
-    parts = []
-    for path in sorted(glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True)
-                       + glob.glob(os.path.join(REPO, "**", "*.md"), recursive=True)):
-        if "/.venv/" not in path and "/runs/" not in path:
-            with open(path, "rb") as f:
-                parts.append(f.read())
-    text = b"\n".join(parts)
-    while len(text) < limit:
-        text += text
-    return text[:limit]
+from .train_common import REPO, SMALL, repo_text, run_timed, seeded_backend
 
 
 def run_variant(args) -> dict:
@@ -56,26 +33,23 @@ def run_variant(args) -> dict:
     from hnet_core.config import HNetConfig
     from hnet_core.data import BatchSampler, frame
     from hnet_core.train_config import TrainConfig
-    from hnet_torch import HNetForCausalLM
-    from hnet_torch.train import TorchBackend, compile_counters
+    from hnet_torch.train import compile_counters
 
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = (HNetConfig.from_json(os.path.join(REPO, "hnet_core", "configs", "hnet_2stage_XL.json"))
            if args.shape == "xl" else HNetConfig.from_dict(SMALL))
-    torch.manual_seed(0)
-    model = HNetForCausalLM(cfg)
-    model.init_weights()
     attention = "flex" if device.type == "cuda" else "sdpa"
     kernels = "off" if args.variant == "eager" else f"scan=compiled,conv=pure,attention={attention}"
     if args.phase == "prefill":
         kernels = "off" if args.variant == "eager" else "scan=pure,conv=pure,attention=flex"
     tc = TrainConfig(steps=1000, batch_size=args.batch, seq_len=args.seq_len, lr=1e-3, warmup=10, dtype=args.dtype)
-    backend = TorchBackend(model, tc, device, kernels=kernels,
-                           compile="on" if args.variant == "compiled" and args.phase == "train" else "off")
-    sampler = BatchSampler(frame([corpus_bytes(max(4 * args.batch * args.seq_len, 1 << 20))]), args.seq_len,
-                           args.batch, seed=0)
+    backend = seeded_backend(cfg, device, tc, kernels=kernels,
+                             compile="on" if args.variant == "compiled" and args.phase == "train" else "off")
+    model = backend.model
+    limit = max(4 * args.batch * args.seq_len, 1 << 20)
+    sampler = BatchSampler(frame([repo_text(limit)[:limit]]), args.seq_len, args.batch, seed=0)
 
     def sync():
         if device.type == "cuda":
@@ -91,16 +65,9 @@ def run_variant(args) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        one()
-    sync()
-    warm = time.perf_counter() - t0
+    _, warm = run_timed(one, args.warmup, sync)
     counts_warm = compile_counters()
-    t = time.perf_counter()
-    losses = [one() for _ in range(args.steps)]
-    sync()
-    seconds = time.perf_counter() - t
+    losses, seconds = run_timed(one, args.steps, sync)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     counts = compile_counters()
@@ -143,11 +110,11 @@ def main() -> None:
     phases = args.phases.split(",") if args.phases else (["train"] if cuda else ["train", "prefill"])
     for phase in phases:
         for variant in ("eager", "compiled"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant, "--phase", phase,
+            cmd = [sys.executable, "-m", "bench.bench_cuda_train", "--variant", variant, "--phase", phase,
                    "--device", args.device, "--shape", args.shape, "--seq-len", str(args.seq_len),
                    "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
             if proc.returncode != 0 or not lines:
                 print(f"{phase}/{variant} failed:\n{proc.stderr[-3000:]}", flush=True)

@@ -1,6 +1,6 @@
 """Custom Metal kernels vs the pure-MLX paths at the shapes of hnet_2stage_XL (batch 1).
 
-    python bench/bench_kernels.py [--seq-bytes 8192] [--repeats 3] [--phases decode prefill train]
+    python -m bench.bench_kernels [--seq-bytes 8192] [--repeats 3] [--phases decode prefill train]
 
 For every recurrent op of the model, at each level where it runs, it times
   * decode:  one step (ssm_step, conv_step) of a Mamba layer,

@@ -1,7 +1,7 @@
 """Prefill and decode throughput of hnet_mlx on this machine's CPU, with the same random weights,
 prompt and protocol as bench/bench_torch.py (official shapes).
 
-    python bench/bench_mlx.py --model hnet_1stage_L --dtypes float32 float16 bfloat16
+    python -m bench.bench_mlx --model hnet_1stage_L --dtypes float32 float16 bfloat16
 
 The weights come from bench_torch.build (torch RNG, same seed), written once by a torch subprocess
 into --weights-dir and converted to MLX on load, so MLX and torch compute with identical weights
@@ -25,19 +25,18 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
+from hnet_core.tokenizer import encode
+from hnet_mlx import load_pretrained
 
-from bench_torch import sample_text  # noqa: E402  (pure Python: reading the corpus)
-
-from hnet_core.tokenizer import encode  # noqa: E402
-from hnet_mlx import load_pretrained  # noqa: E402
+from .bench_torch import sample_text  # pure Python: reading the corpus
+from .timing import best_time, timed_decode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
 def blas_in_use() -> str:
@@ -49,22 +48,23 @@ def torch_weights(name: str, directory: str) -> str:
     """Our torch model directory holding bench_torch.build(name, float32), made once by a subprocess."""
     path = os.path.join(directory, f"{name}_seed0_float32")
     if not os.path.exists(os.path.join(path, "config.json")):
-        code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from bench_torch import build; "
-                "from hnet_torch import save_pretrained; save_pretrained(build(sys.argv[2], torch.float32), sys.argv[3])")
-        subprocess.run([sys.executable, "-c", code, HERE, name, path], check=True)
+        code = ("import sys, torch; from bench.bench_torch import build; "
+                "from hnet_torch import save_pretrained; save_pretrained(build(sys.argv[1], torch.float32), sys.argv[2])")
+        subprocess.run([sys.executable, "-c", code, name, path], check=True, cwd=REPO)
     return path
 
 
 def measure_prefill(model, text: bytes, repeats: int) -> dict:
     ids = mx.array([encode(text)])
     mx.eval(model(ids[:, :64]).logits)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        mx.reset_peak_memory()
-        t0 = time.perf_counter()
+
+    def prefill():
         out = model(ids)
         mx.eval(out.logits)
-        best = min(best, time.perf_counter() - t0)
+        return out
+
+    mx.reset_peak_memory()
+    best, out = best_time(prefill, repeats)
     rate = float(out.routing[0].boundary_mask.astype(mx.float32).mean().item())
     return {"bytes": ids.shape[1], "seconds": best, "bytes_per_s": ids.shape[1] / best, "boundary_rate": rate,
             "peak_memory": int(mx.get_peak_memory())}
@@ -74,17 +74,14 @@ def measure_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     ids = np.array([encode(text)], dtype=np.int32)
     mx.reset_peak_memory()
     cache = model.allocate_inference_cache(batch_size=1, max_seqlen=prompt_bytes + steps + 8)
-    mx.eval(model(mx.array(ids[:, :prompt_bytes]), cache=cache).logits)
-    for t in range(prompt_bytes, prompt_bytes + 4):  # warm-up steps (trace the compiled step)
-        np.array(model.step(ids[:, t : t + 1], cache).logits.astype(mx.float32))
-    start = prompt_bytes + 4
-    boundaries = 0
-    t0 = time.perf_counter()
-    for t in range(start, start + steps):
-        out = model.step(ids[:, t : t + 1], cache)
+
+    def step(x):  # the logits copied to the host, as generation does (the warm-up steps trace the compiled step)
+        out = model.step(x, cache)
         np.array(out.logits.astype(mx.float32))
-        boundaries += int(np.array(out.routing[0].boundary_mask).sum())
-    seconds = time.perf_counter() - t0
+        return out
+
+    seconds, outs = timed_decode(lambda x: mx.eval(model(mx.array(x), cache=cache).logits), step, ids, prompt_bytes, steps)
+    boundaries = sum(int(np.array(out.routing[0].boundary_mask).sum()) for out in outs)
     return {"bytes": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps,
             "peak_memory": int(mx.get_peak_memory())}
 

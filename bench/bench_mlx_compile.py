@@ -1,6 +1,6 @@
 """What mx.compile buys in hnet_mlx's decode step, on this machine (MLX CPU build on Linux).
 
-    python bench/bench_mlx_compile.py [--configs 1stage 2stage 3stage] [--batch 1 4] [--steps 64]
+    python -m bench.bench_mlx_compile [--configs 1stage 2stage 3stage] [--batch 1 4] [--steps 64]
 
 For each small test config (tests/conftest.py shapes, random weights with routing noise so both
 boundary decisions occur) and batch size, it decodes --steps bytes (teacher-forced, after a
@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from conftest import SMALL_CONFIGS, TEXT, random_torch_model  # noqa: E402
-from mlx_helpers import mlx_from_torch  # noqa: E402
-
-from hnet_core.tokenizer import encode  # noqa: E402
+from hnet_core.tokenizer import encode
+from tests.conftest import SMALL_CONFIGS, TEXT, random_torch_model
+from tests.mlx_helpers import mlx_from_torch
 
 VARIANTS = [("fused", True), ("fused", False), ("split", True), ("split", False)]
 

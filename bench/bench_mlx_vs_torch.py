@@ -1,6 +1,6 @@
 """MLX vs torch on this CPU, side by side in one run: prefill and decode bytes/s and peak memory.
 
-    python bench/bench_mlx_vs_torch.py --models hnet_1stage_L hnet_2stage_XL --dtypes float32 bfloat16 float16
+    python -m bench.bench_mlx_vs_torch --models hnet_1stage_L hnet_2stage_XL --dtypes float32 bfloat16 float16
 
 Each (framework, shape, dtype) runs in its own process (bench_torch.py or bench_mlx.py, same random
 weights from bench_torch.build, same prompt text and protocol), so frameworks never share a process
@@ -21,12 +21,13 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
 def run_child(cmd: list[str], env: dict) -> int:
     """Run to completion; return the child's peak resident memory in bytes."""
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -63,9 +64,9 @@ def main() -> None:
                           "--results", out, "--fresh"]
                 env = dict(os.environ)
                 if fw == "torch":
-                    cmd = [sys.executable, os.path.join(HERE, "bench_torch.py"), *common]
+                    cmd = [sys.executable, "-m", "bench.bench_torch", *common]
                 else:
-                    cmd = [sys.executable, os.path.join(HERE, "bench_mlx.py"), *common, "--step-modes", "split",
+                    cmd = [sys.executable, "-m", "bench.bench_mlx", *common, "--step-modes", "split",
                            "--weights-dir", weights]
                     if os.path.exists(OPENBLAS):
                         env["LD_PRELOAD"] = OPENBLAS

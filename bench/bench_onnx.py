@@ -1,8 +1,8 @@
 """Prefill and decode throughput of the ONNX export in onnxruntime vs hnet_torch eager on this CPU,
 with the same random weights, and the size of the exported files.
 
-    python bench/bench_onnx.py                       # hnet_1stage_L shape + a small 2-stage shape
-    python bench/bench_onnx.py --models small_2stage --threads 2
+    python -m bench.bench_onnx                       # hnet_1stage_L shape + a small 2-stage shape
+    python -m bench.bench_onnx --models small_2stage --threads 2
 
 Same protocol as bench/bench_torch.py (whose `build`, `measure_prefill` and `measure_decode` run
 the torch side): prefill = one forward over --prefill-bytes of real text, best of --repeats;
@@ -20,18 +20,17 @@ import gc
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+from hnet_core.config import HNetConfig
+from hnet_core.tokenizer import encode
 
-from bench_torch import build, measure_decode, measure_prefill, sample_text  # noqa: E402
-
-from hnet_core.config import HNetConfig  # noqa: E402
-from hnet_core.tokenizer import encode  # noqa: E402
+from . import bench_torch
+from .bench_torch import build, measure_decode, measure_prefill, sample_text
+from .timing import best_time, timed_decode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,8 +46,6 @@ SMALL_2STAGE = {
 
 def build_model(name: str):
     if name == "small_2stage":
-        import bench_torch
-
         original = bench_torch.official_config
         bench_torch.official_config = lambda _name: HNetConfig.from_dict(SMALL_2STAGE)  # same init recipe
         try:
@@ -75,27 +72,16 @@ def export_dir(work: str, name: str, model, max_seqlen: int) -> str:
 def onnx_prefill(model, text: bytes, repeats: int) -> dict:
     ids = np.array([encode(text)])
     model.prefill(ids[:, :64])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model.prefill(ids)
-        best = min(best, time.perf_counter() - t0)
+    best, out = best_time(lambda: model.prefill(ids), repeats)
     rate = float(out.routing[0].boundary_mask.mean())
     return {"bytes": ids.shape[1], "seconds": best, "bytes_per_s": ids.shape[1] / best, "boundary_rate": rate}
 
 
 def onnx_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     ids = np.array([encode(text)])
-    model.prefill(ids[:, :prompt_bytes], capacity=prompt_bytes + steps + 8)
-    for t in range(prompt_bytes, prompt_bytes + 4):  # warm-up steps
-        model.step(ids[:, t : t + 1])
-    start = prompt_bytes + 4
-    boundaries = 0
-    t0 = time.perf_counter()
-    for t in range(start, start + steps):
-        out = model.step(ids[:, t : t + 1])
-        boundaries += int(out.routing[0].boundary_mask.sum())
-    seconds = time.perf_counter() - t0
+    seconds, outs = timed_decode(lambda x: model.prefill(x, capacity=prompt_bytes + steps + 8), model.step, ids,
+                                 prompt_bytes, steps)
+    boundaries = sum(int(out.routing[0].boundary_mask.sum()) for out in outs)
     return {"steps": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps}
 
 
@@ -109,24 +95,13 @@ def batch_rows(text: bytes, batch: int, length: int) -> np.ndarray:
 def torch_decode_batch(model, rows: np.ndarray, prompt_bytes: int, steps: int) -> dict:
     ids = torch.from_numpy(rows)
     cache = model.allocate_inference_cache(batch_size=ids.shape[0], max_seqlen=prompt_bytes + steps + 8)
-    model(ids[:, :prompt_bytes], cache=cache)
-    for t in range(prompt_bytes, prompt_bytes + 4):
-        model.step(ids[:, t : t + 1], cache)
-    t0 = time.perf_counter()
-    for t in range(prompt_bytes + 4, prompt_bytes + 4 + steps):
-        model.step(ids[:, t : t + 1], cache)
-    seconds = time.perf_counter() - t0
+    seconds, _ = timed_decode(lambda x: model(x, cache=cache), lambda x: model.step(x, cache), ids, prompt_bytes, steps)
     return {"bytes": steps * ids.shape[0], "seconds": seconds, "bytes_per_s": steps * ids.shape[0] / seconds}
 
 
 def onnx_decode_batch(model, rows: np.ndarray, prompt_bytes: int, steps: int) -> dict:
-    model.prefill(rows[:, :prompt_bytes], capacity=prompt_bytes + steps + 8)
-    for t in range(prompt_bytes, prompt_bytes + 4):
-        model.step(rows[:, t : t + 1])
-    t0 = time.perf_counter()
-    for t in range(prompt_bytes + 4, prompt_bytes + 4 + steps):
-        model.step(rows[:, t : t + 1])
-    seconds = time.perf_counter() - t0
+    seconds, _ = timed_decode(lambda x: model.prefill(x, capacity=prompt_bytes + steps + 8), model.step, rows,
+                              prompt_bytes, steps)
     return {"bytes": steps * rows.shape[0], "seconds": seconds, "bytes_per_s": steps * rows.shape[0] / seconds}
 
 

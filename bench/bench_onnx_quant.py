@@ -1,8 +1,8 @@
 """Quantized ONNX exports (int8 / int4 MatMulNBits) against float32 on this CPU: decode speed, peak
 memory with and without weights shared between sessions, export time, and quality on real text.
 
-    flock /tmp/heavy.lock python bench/bench_onnx_quant.py                    # everything
-    python bench/bench_onnx_quant.py --models small_2stage medium_1stage --skip-quality
+    flock /tmp/heavy.lock python -m bench.bench_onnx_quant                    # everything
+    python -m bench.bench_onnx_quant --models small_2stage medium_1stage --skip-quality
 
 Speed: random weights of each shape (bench_torch.build), exported once in float32 (kept under
 --work), then quantize_export to int8 and int4 (block size --block-size). Each configuration runs
@@ -31,9 +31,10 @@ import time
 
 import numpy as np
 
+from .timing import timed_decode
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
-sys.path.insert(0, HERE)
 
 DATA = os.environ.get("HNET_DATA", os.path.join(ROOT, "..", "shared", "data"))  # --data sets it for the children
 # About 100 M parameters, the official 1-stage layout at a smaller width.
@@ -65,9 +66,10 @@ def peak_rss() -> int:
 def build_model(name: str):
     import torch
 
-    import bench_torch
-    from bench_onnx import build_model as build_named
     from hnet_core.config import HNetConfig
+
+    from . import bench_torch
+    from .bench_onnx import build_model as build_named
 
     if name == "medium_1stage":
         original = bench_torch.official_config
@@ -113,18 +115,15 @@ def child(argv: list[str]) -> None:
         prompt = 64
         for b in (1, batch):
             rows = np.array([encode(english(prompt + steps + 8, 10_000 + 5_000 * i)[: prompt + steps + 7]) for i in range(b)])
-            model.prefill(rows[:, :prompt], capacity=prompt + steps + 8)
-            for t in range(prompt, prompt + 4):
-                model.step(rows[:, t : t + 1])
-            t0 = time.perf_counter()
-            for t in range(prompt + 4, prompt + 4 + steps):
-                model.step(rows[:, t : t + 1])
-            out[f"batch{b}_bytes_per_s"] = b * steps / (time.perf_counter() - t0)
+            seconds, _ = timed_decode(lambda x: model.prefill(x, capacity=prompt + steps + 8), model.step, rows,
+                                      prompt, steps)
+            out[f"batch{b}_bytes_per_s"] = b * steps / seconds
     print(json.dumps(out), flush=True)
 
 
 def run_child(*args) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.bench_onnx_quant", "--child", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -143,13 +142,8 @@ def torch_decode(name: str, steps: int, batch: int, threads: int) -> dict:
         for b in (1, batch):
             ids = torch.tensor([encode(english(prompt + steps + 8, 10_000 + 5_000 * i)[: prompt + steps + 7]) for i in range(b)])
             cache = model.allocate_inference_cache(batch_size=b, max_seqlen=prompt + steps + 8)
-            model(ids[:, :prompt], cache=cache)
-            for t in range(prompt, prompt + 4):
-                model.step(ids[:, t : t + 1], cache)
-            t0 = time.perf_counter()
-            for t in range(prompt + 4, prompt + 4 + steps):
-                model.step(ids[:, t : t + 1], cache)
-            out[f"batch{b}_bytes_per_s"] = b * steps / (time.perf_counter() - t0)
+            seconds, _ = timed_decode(lambda x: model(x, cache=cache), lambda x: model.step(x, cache), ids, prompt, steps)
+            out[f"batch{b}_bytes_per_s"] = b * steps / seconds
     return out
 
 

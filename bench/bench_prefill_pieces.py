@@ -1,6 +1,6 @@
 """Prefill in pieces vs one pass: peak RSS and bytes/s for long prompts, hnet_torch and hnet_mlx.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python bench/bench_prefill_pieces.py \
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 python -m bench.bench_prefill_pieces \
         --shape bench_2stage_small --sizes 1000 10000 100000 --backends torch mlx
 
 Every row runs in its own subprocess (so ru_maxrss is that row's peak alone): build the model with
@@ -171,13 +171,14 @@ def main() -> None:
         for n in args.sizes:
             for piece in [m for mode, m in (("one-pass", 0), ("pieces", args.piece)) if mode in args.modes]:
                 mode = "one pass" if piece == 0 else f"pieces of {args.piece}"
-                cmd = [sys.executable, __file__, "--child", "--backend", backend, "--n", str(n), "--piece", str(piece),
-                       "--shape", args.shape, "--max-rss-gb", str(args.max_rss_gb)]
+                cmd = [sys.executable, "-m", "bench.bench_prefill_pieces", "--child", "--backend", backend, "--n", str(n),
+                       "--piece", str(piece), "--shape", args.shape, "--max-rss-gb", str(args.max_rss_gb)]
                 env = dict(os.environ)
                 if backend == "torch":  # the preloaded BLAS is for MLX's CPU build; torch brings its own
                     env.pop("LD_PRELOAD", None)
                 try:
-                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
+                                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
                     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                     why = (done.stderr.strip().splitlines() or [""])[-1][:70]
                     row = json.loads(lines[-1]) if lines else {"error": f"died (exit {done.returncode}) {why}".strip()}

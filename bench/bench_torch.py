@@ -1,6 +1,6 @@
 """Prefill and decode throughput of hnet_torch on this machine's CPU (random weights, official shapes).
 
-    python bench/bench_torch.py --model hnet_1stage_L --dtypes float32 bfloat16
+    python -m bench.bench_torch --model hnet_1stage_L --dtypes float32 bfloat16
 
 Prefill: one forward over a prompt of --prefill-bytes real text bytes (best of --repeats).
 Decode: prefill --decode-prompt bytes, then --decode-bytes steps fed with the real continuation
@@ -17,13 +17,14 @@ import json
 import lzma
 import os
 import platform
-import time
 
 import torch
 
 from hnet_core import official_config
 from hnet_core.tokenizer import encode
 from hnet_torch import HNetForCausalLM
+
+from .timing import best_time, timed_decode
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "canterbury_text4.txt.xz")
 
@@ -60,11 +61,7 @@ def build(name: str, dtype: torch.dtype, seed: int = 0) -> HNetForCausalLM:
 def measure_prefill(model, text: bytes, repeats: int) -> dict:
     ids = torch.tensor([encode(text)])
     model(ids[:, :64])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model(ids)
-        best = min(best, time.perf_counter() - t0)
+    best, out = best_time(lambda: model(ids), repeats)
     rate = out.routing[0].boundary_mask.float().mean().item()
     return {"bytes": ids.shape[1], "seconds": best, "bytes_per_s": ids.shape[1] / best, "boundary_rate": rate}
 
@@ -73,16 +70,8 @@ def measure_prefill(model, text: bytes, repeats: int) -> dict:
 def measure_decode(model, text: bytes, prompt_bytes: int, steps: int) -> dict:
     ids = torch.tensor([encode(text)])
     cache = model.allocate_inference_cache(batch_size=1, max_seqlen=prompt_bytes + steps + 8)
-    model(ids[:, :prompt_bytes], cache=cache)
-    for t in range(prompt_bytes, prompt_bytes + 4):  # warm-up steps
-        model.step(ids[:, t : t + 1], cache)
-    start = prompt_bytes + 4
-    boundaries = 0
-    t0 = time.perf_counter()
-    for t in range(start, start + steps):
-        out = model.step(ids[:, t : t + 1], cache)
-        boundaries += int(out.routing[0].boundary_mask.sum())
-    seconds = time.perf_counter() - t0
+    seconds, outs = timed_decode(lambda x: model(x, cache=cache), lambda x: model.step(x, cache), ids, prompt_bytes, steps)
+    boundaries = sum(int(out.routing[0].boundary_mask.sum()) for out in outs)
     return {"bytes": steps, "seconds": seconds, "bytes_per_s": steps / seconds, "boundary_rate": boundaries / steps}
 
 

@@ -1,8 +1,8 @@
 """Training benchmarks on this machine's CPU: MLX vs torch throughput, and a 20-minute real run.
 
-    python bench/bench_train.py speed              # training bytes/s, MLX vs torch, same config and batch
-    python bench/bench_train.py long --minutes 20  # train on a real corpus, then bpb vs xz -9
-    python bench/bench_train.py all
+    python -m bench.bench_train speed              # training bytes/s, MLX vs torch, same config and batch
+    python -m bench.bench_train long --minutes 20  # train on a real corpus, then bpb vs xz -9
+    python -m bench.bench_train all
 
 speed: the small 2-stage config below (BENCH_CONFIG), batch 4 x 1024 bytes (packed), text from
 --corpus. Each framework runs in its own process (torch never shares a process with MLX): warm-up
@@ -32,7 +32,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CORPUS = "/work/shared/data/austen.txt.xz"
 RUNS = os.path.join(REPO, "runs", "bench_train")
 RESULTS = os.path.join(REPO, "bench", "results_train.json")
@@ -140,7 +139,7 @@ def run_speed(args) -> list[dict]:
     best: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for framework, env, label in variants:
-            cmd = [sys.executable, os.path.abspath(__file__), "_worker", "--framework", framework, "--steps",
+            cmd = [sys.executable, "-m", "bench.bench_train", "_worker", "--framework", framework, "--steps",
                    str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size), "--seq-len",
                    str(args.seq_len), "--corpus", args.corpus, "--threads", threads]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env, "PYTHONPATH": REPO})

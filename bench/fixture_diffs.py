@@ -1,6 +1,6 @@
 """Max abs differences of hnet_torch from the official fixture, per case (fp32, CPU).
 
-    python bench/fixture_diffs.py
+    python -m bench.fixture_diffs
 
 The tests assert these stay within the fixture README's tolerances; this prints the actual values.
 """
@@ -8,15 +8,12 @@ The tests assert these stay within the fixture README's tolerances; this prints 
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from conftest import FIXTURE_DIR  # noqa: E402
-
-from hnet_torch import load_pretrained  # noqa: E402
+from hnet_torch import load_pretrained
+from tests.conftest import FIXTURE_DIR
 
 CASES = ["single_L1", "single_L5", "single_L37", "single_L100", "masked_batch"]
 

@@ -1,6 +1,6 @@
 """The PyTorch trainer on a CUDA GPU: CPU/GPU agreement, fp32 vs bf16 autocast speed, exact resume, the CLI.
 
-    python bench/gpu_train_check.py [--out DIR] [--steps 30]
+    python -m bench.gpu_train_check [--out DIR] [--steps 30]
 
 Needs a CUDA GPU (prints a notice and exits 0 without one). Corpus: the repository's own .py and
 .md files concatenated (nothing to download). Checks, in one process:
@@ -17,29 +17,21 @@ Writes DIR/gpu_train_check.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+import torch
 
-import torch  # noqa: E402
+from hnet_core.config import HNetConfig
+from hnet_core.data import BatchSampler, frame
+from hnet_core.train_config import TrainConfig
 
-from hnet_core.config import HNetConfig  # noqa: E402
-from hnet_core.data import BatchSampler, frame  # noqa: E402
-from hnet_core.train_config import TrainConfig  # noqa: E402
+from .train_common import REPO, SMALL, repo_text, run_timed, seeded_backend
 
-SMALL = {
-    "arch_layout": ["m2", ["m2", ["T3"], "m2"], "m2"], "d_model": [128, 192, 256], "d_intermediate": [0, 0, 640],
-    "ssm_cfg": {"chunk_size": 64, "d_conv": 4, "d_state": 32, "expand": 2},
-    "attn_cfg": {"num_heads": [2, 3, 4], "rotary_emb_dim": [32, 32, 32], "window_size": [-1, -1, -1]},
-}
 MEDIUM = {
     "arch_layout": ["m4", ["T1m4", ["T8"], "m4T1"], "m4"], "d_model": [512, 768, 1024], "d_intermediate": [0, 2048, 2816],
     "ssm_cfg": {"chunk_size": 256, "d_conv": 4, "d_state": 64, "expand": 2},
@@ -48,37 +40,17 @@ MEDIUM = {
 
 
 def corpus(directory: str) -> str:
-    parts = []
-    for path in sorted(glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True) +
-                       glob.glob(os.path.join(REPO, "**", "*.md"), recursive=True)):
-        if "/runs/" in path or "/.git/" in path:
-            continue
-        with open(path, "rb") as f:
-            parts.append(f.read())
-    text = b"\n".join(parts)
-    while len(text) < 2_000_000:
-        text = text + text
     path = os.path.join(directory, "corpus.txt")
     with open(path, "wb") as f:
-        f.write(text)
+        f.write(repo_text(2_000_000))
     return path
-
-
-def backend_for(config: dict, device: str, tc: TrainConfig, seed: int = 0):
-    from hnet_torch import HNetForCausalLM
-    from hnet_torch.train import TorchBackend
-
-    torch.manual_seed(seed)
-    model = HNetForCausalLM(HNetConfig.from_dict(config))
-    model.init_weights()
-    return TorchBackend(model, tc, torch.device(device))
 
 
 def check_cpu_vs_cuda(text: bytes) -> dict:
     tc = TrainConfig(steps=100, batch_size=4, seq_len=512, lr=2e-3, warmup=2)
     out = {}
     for device in ("cpu", "cuda"):
-        backend = backend_for(SMALL, device, tc)
+        backend = seeded_backend(HNetConfig.from_dict(SMALL), device, tc)
         sampler = BatchSampler(frame([text]), 512, 4, seed=0)
         losses = [backend.train_step([sampler.next_batch()], tc.lr_at(i)).loss for i in range(3)]
         out[device] = (losses, {k: v.detach().float().cpu() for k, v in backend.model.state_dict().items()})
@@ -90,19 +62,17 @@ def check_cpu_vs_cuda(text: bytes) -> dict:
 
 def speed(config: dict, name: str, dtype: str, text: bytes, batch: int, seq_len: int, steps: int) -> dict:
     tc = TrainConfig(steps=1000, batch_size=batch, seq_len=seq_len, lr=1e-3, warmup=10, dtype=dtype)
-    backend = backend_for(config, "cuda", tc)
+    backend = seeded_backend(HNetConfig.from_dict(config), "cuda", tc)
     sampler = BatchSampler(frame([text]), seq_len, batch, seed=0)
     params = sum(p.numel() for p in backend.model.parameters())
     torch.cuda.reset_peak_memory_stats()
-    losses = []
-    for _ in range(3):
-        losses.append(backend.train_step([sampler.next_batch()], 1e-3).loss)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        losses.append(backend.train_step([sampler.next_batch()], 1e-3).loss)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t
+
+    def step():
+        return backend.train_step([sampler.next_batch()], 1e-3).loss
+
+    warm_losses, _ = run_timed(step, 3, torch.cuda.synchronize)
+    timed_losses, seconds = run_timed(step, steps, torch.cuda.synchronize)
+    losses = warm_losses + timed_losses
     return {"config": name, "params": params, "dtype": dtype, "batch": batch, "seq_len": seq_len, "steps": steps,
             "step_s": seconds / steps, "bytes_per_second": batch * seq_len * steps / seconds,
             "first_loss": losses[0], "last_loss": losses[-1], "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

@@ -1,6 +1,6 @@
 """How far MLX quantization (`hnet convert torch-to-mlx -q`) moves an H-Net's outputs from fp32.
 
-    python bench/mlx_quantization.py
+    python -m bench.mlx_quantization
 
 Models: the official fixture (official init + noise) and the 1-/2-stage test configs (random
 weights with routing noise). Input: the fixture README's TEXT (334 bytes). For each of 8/4 bits
@@ -13,20 +13,16 @@ Random small models are a harsh case: trained weights usually quantize better.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from conftest import FIXTURE_DIR, config_1stage, config_2stage, random_torch_model  # noqa: E402
-
-import hnet_mlx  # noqa: E402
-from hnet_core.tokenizer import encode  # noqa: E402
-from hnet_mlx.convert import torch_to_mlx  # noqa: E402
+import hnet_mlx
+from hnet_core.tokenizer import encode
+from hnet_mlx.convert import torch_to_mlx
+from tests.conftest import FIXTURE_DIR, config_1stage, config_2stage, random_torch_model
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening at dusk. From the top, he could see the "
         "fishing boats returning to the harbor, their lanterns flickering like small stars on the dark water. He wrote "

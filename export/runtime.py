@@ -22,7 +22,6 @@ the host. Global attention caches are buffers of `capacity` slots that grow
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import onnxruntime as ort
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
+from hnet_core.io import read_json
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -52,13 +52,9 @@ class OnnxOutput:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        raise HNetError(f"{path} not found; is this a directory written by `hnet export onnx`?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HNetError(f"{path} is not valid JSON ({e}); re-export the model") from None
+    # the same messages as export/js/node.mjs
+    return read_json(path, "{path} not found; is this a directory written by `hnet export onnx`?",
+                     "{path} is not valid JSON ({error}); re-export the model")
 
 
 def _providers(provider: str) -> tuple[list[str], str]:

@@ -22,13 +22,13 @@ same model everywhere. Keys we do not use are kept and written back unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import HNetError
+from .io import read_json, write_json
 
 Layout = list[Union[str, "Layout"]]
 
@@ -271,20 +271,10 @@ class HNetConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "HNetConfig":
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise HNetError(f"config file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HNetError(f"config file {path} is not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "config file not found: {path}", "config file {path} is not valid JSON ({error})"))
 
     def to_json(self, path: str | os.PathLike) -> None:
-        from .io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=4) + "\n")
+        write_json(path, self.to_dict(), indent=4)
 
 
 def _build(cls: type, data: dict, name: str) -> Any:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import HNetError
 
@@ -98,6 +98,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json(path: str | os.PathLike, not_found: str = "{path} not found",
+              invalid: str = "{path} is not valid JSON ({error})") -> Any:
+    """The JSON value in file `path`; a missing file or one that is not JSON is one HNetError line, the
+    `not_found` or `invalid` message with {path} (and {error}) filled in."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise HNetError(not_found.format(path=path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HNetError(invalid.format(path=path, error=e)) from None
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int) -> None:
+    """`data` as indented JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
 @contextmanager

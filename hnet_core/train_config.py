@@ -12,12 +12,12 @@ Schedule: linear warmup over `warmup` steps, then cosine decay to min_lr_ratio *
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import HNetError
+from .io import read_json, write_json
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -144,19 +144,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise HNetError(f"training config not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
-        except json.JSONDecodeError as e:
-            raise HNetError(f"training config {path} is not valid JSON ({e})") from None
+        return cls.from_dict(read_json(path, "training config not found: {path}",
+                                       "training config {path} is not valid JSON ({error})"))
 
     def to_json(self, path: str | os.PathLike) -> None:
-        from .io import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict(), indent=2)
 
     def replace(self, **changes) -> "TrainConfig":
         data = self.to_dict()

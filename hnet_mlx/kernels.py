@@ -89,7 +89,20 @@ def use_fused(mode: str, name: str, args: tuple | None = None) -> bool:
         return False
     if args is None:  # no call to measure: the variant gate alone cannot be run either
         return False
-    return bool(module.dispatch.prefer_kernel(name, tuple(args)))
+    return bool(module.dispatch.prefer_kernel(name, tuple(args), pure_paths()))
+
+
+@lru_cache(maxsize=None)
+def pure_paths():
+    """The pure twins below as hnet_metal_kernels.reference.PurePaths: what its checks (selftest, the
+    measured dispatch, verify) hold the kernels to, plus this package's whole-model checks. Registered
+    in pyproject.toml so that `python -m hnet_metal_kernels.selftest` / `verify` find it."""
+    from hnet_metal_kernels.reference import PurePaths
+
+    from . import kernel_checks
+
+    return PurePaths(ssm_step=ssd.ssm_step, conv_step=lambda *a: conv_step(*a, mode="off"), ssd_scan=ssd.ssd_chunk_scan,
+                     ema_dechunk=ssd.ema_dechunk, files=(ssd.__file__, __file__), model_checks=kernel_checks.CHECKS)
 
 
 # -- Mamba2 scan ---------------------------------------------------------------------------

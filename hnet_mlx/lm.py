@@ -15,7 +15,7 @@ Extending a cache piece by piece gives the logits and boundaries of one pass ove
 shape): the byte embedding, every
 level's step and the LM head, with the cache passed in and out as a flat list of arrays (see
 cache.py). MLX pays a few µs per op per eval at batch-1 decode and ~0.2 µs inside a compiled
-function, so this is where compiling pays most (numbers in bench/mlx_compile.py).
+function, so this is where compiling pays most (numbers in bench/bench_mlx_compile.py).
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The routing module: where do chunks start? (paper eq. 4)
 
-    p_t = clamp((1 - cos(W_q h_{t-1}, W_k h_t)) / 2, 0, 1),   p_0 = 1,   b_t = [p_t > 0.5]
-
-q is applied to the previous byte and k to the current one; both projections start as the
-identity. The first position of every sequence is forced to p = 1 (in packed mode, every
-cu_seqlens start). A live cache being extended is not a new sequence: its first new byte is
-compared with the last byte before the cut (`last_hidden_state`), exactly as a single pass would. Official `argmax([1 - p, p])` means strictly p > 0.5 (a tie is not a boundary).
-`selected_probs` is p on boundaries and 1 - p elsewhere; it only reaches the model through the
-straight-through estimator in hnet.py.
+The MLX mirror of hnet_torch/routing.py, whose docstring states the rule once: p_t from the cosine
+of W_q h_{t-1} and W_k h_t, the forced boundary at every sequence start, how a live cache being
+extended compares its first new byte, and the strict p > 0.5 of the official argmax.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Measured dispatch for use_kernels="auto": a kernel runs only where it is correct and faster.
 
-hnet_mlx/kernels.py asks `prefer_kernel(name, args)` on every "auto" call on a Mac (Metal present,
+The model package asks `prefer_kernel(name, args, pure)` on every "auto" call on a Mac (Metal present,
 default device the GPU). The answer, for the call's *shape class*, comes from:
 
   1. Correctness first. The call's exact compiled variant (input dtypes, optional inputs, template
@@ -19,12 +19,12 @@ default device the GPU). The answer, for the call's *shape class*, comes from:
      ($HNET_METAL_KERNELS_CACHE, else ~/Library/Caches/hnet_metal_kernels on macOS,
      $XDG_CACHE_HOME/hnet_metal_kernels or ~/.cache/hnet_metal_kernels elsewhere) together with
      the identity of what was measured: chip, OS version, MLX version and a hash of the kernel
-     sources and the pure paths. A file whose identity differs is ignored and rewritten, so a new
-     chip, macOS, MLX or kernel re-measures.
+     sources and of the pure paths' files (PurePaths.files). A file whose identity differs is
+     ignored and rewritten, so a new chip, macOS, MLX or kernel re-measures.
 
 Timing happens outside any graph being traced (fresh inputs, mx.eval), so it also works while
-`mx.compile` traces a decode step. `Dispatcher` takes its factory, timer and cache path as
-arguments: the tests run the logic on Linux with the emulator factory and a fake timer.
+`mx.compile` traces a decode step. `Dispatcher` takes the pure paths, its factory, timer and cache path
+as arguments: the tests run the logic on Linux with the emulator factory and a fake timer.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from .factory import KernelFactory, current_factory
+from .reference import PurePaths
 from .selftest import DTYPES, Variant, check_variant, variant_of
 from .sources import HERE, KERNELS
 
@@ -69,14 +70,12 @@ def cache_dir() -> Path:
     return Path(base) / "hnet_metal_kernels"
 
 
-def sources_hash() -> str:
-    """Hash of everything whose change can change a timing: the kernel bodies, their wrappers and the pure paths."""
-    import hnet_mlx
-
+def sources_hash(pure_files: tuple[str, ...] = ()) -> str:
+    """Hash of everything whose change can change a timing: the kernel bodies, their wrappers and
+    `pure_files` (the files of the pure paths, PurePaths.files)."""
     h = hashlib.sha256()
     files = [HERE / f"{k}.metal" for k in KERNELS] + [HERE / f for f in ("ssd.py", "step.py", "ema.py")]
-    mlx_dir = Path(hnet_mlx.__file__).resolve().parent
-    files += [mlx_dir / "ssd.py", mlx_dir / "kernels.py"]
+    files += [Path(f) for f in pure_files]
     for path in files:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -95,9 +94,10 @@ def os_version() -> str:
     return f"macOS {mac}" if mac else platform.platform()
 
 
-def identity() -> dict[str, str]:
+def identity(pure_files: tuple[str, ...] = ()) -> dict[str, str]:
     """What a set of measurements is valid for."""
-    return {"chip": chip_name(), "os": os_version(), "mlx": mx.__version__, "sources": sources_hash(), "format": str(FORMAT)}
+    return {"chip": chip_name(), "os": os_version(), "mlx": mx.__version__, "sources": sources_hash(pure_files),
+            "format": str(FORMAT)}
 
 
 def wall_timer(budget_s: float = 0.1, reps: int = 5, clock: Callable[[], float] = time.perf_counter) -> Timer:
@@ -194,16 +194,12 @@ def _synthetic(name: str, sizes: dict[str, int], variant: Variant, seed: int = 0
     raise ValueError(f"unknown kernel {name!r}")
 
 
-def _paths(name: str, factory: KernelFactory):
+def _paths(name: str, factory: KernelFactory, pure: PurePaths):
     """(kernel function, pure function) with the wrapper's signature."""
     import hnet_metal_kernels as hk
-    from hnet_mlx import kernels as pure_kernels
-    from hnet_mlx import ssd as ref
 
-    pure = {"ssm_step": ref.ssm_step, "ssd_scan": ref.ssd_chunk_scan, "ema_dechunk": ref.ema_dechunk,
-            "conv_step": lambda *a: pure_kernels.conv_step(*a, mode="off")}[name]
     kernel = getattr(hk, name)
-    return (lambda *a: kernel(*a, factory=factory)), pure
+    return (lambda *a: kernel(*a, factory=factory)), pure.of(name)
 
 
 def _backward_run(name: str, fn, args: tuple) -> Callable[[], None]:
@@ -228,11 +224,14 @@ HAS_BACKWARD = ("ssd_scan", "ema_dechunk")
 
 @dataclass
 class Dispatcher:
-    """Per-process state of measured dispatch; one default instance serves hnet_mlx ("auto").
+    """Per-process state of measured dispatch; one default instance serves the model package ("auto").
 
+    pure: the pure paths kernels are checked and timed against (required before the first
+    prefer_kernel; `prefer_kernel(name, args, pure)` sets it on the default instance);
     factory: where kernels run while gating and timing (default: the current factory, i.e. Metal);
     timer: see `Timer` (default: `wall_timer()`); path: the cache file (default: cache_dir()/dispatch.json)."""
 
+    pure: PurePaths | None = None
     factory: KernelFactory | None = None
     timer: Timer | None = None
     path: Path | None = None
@@ -251,13 +250,21 @@ class Dispatcher:
     def _factory(self) -> KernelFactory:
         return current_factory(self.factory)
 
+    def _pure(self) -> PurePaths:
+        if self.pure is None:
+            raise ValueError("this Dispatcher has no pure paths to check and time the kernels against")
+        return self.pure
+
+    def _identity(self) -> dict[str, str]:
+        return identity(self._pure().files)
+
     # -- correctness gate ------------------------------------------------------------------
 
     def gate(self, variant: Variant) -> str | None:
         """None if this compiled variant matches the pure path (checked once per process), else why not."""
         if variant not in self.gates:
             start = time.perf_counter()
-            self.gates[variant] = check_variant(variant, self._factory())
+            self.gates[variant] = check_variant(variant, self._pure(), self._factory())
             self.measured_s += time.perf_counter() - start
         problems = {k: v for k, v in self.gates[variant].items() if v}
         if not problems:
@@ -273,7 +280,7 @@ class Dispatcher:
             data = json.loads(self._file().read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(data, dict) or data.get("identity") != identity():
+        if not isinstance(data, dict) or data.get("identity") != self._identity():
             return {}  # measured for another chip, OS, MLX or kernel source: measure again
         out = {}
         for key, d in (data.get("decisions") or {}).items():
@@ -294,7 +301,7 @@ class Dispatcher:
 
         for key, decision in self._read().items():  # keep what another process added meanwhile
             self.decisions.setdefault(key, decision)
-        data = {"identity": identity(), "decisions": {k: d.as_json() for k, d in sorted(self.decisions.items())}}
+        data = {"identity": self._identity(), "decisions": {k: d.as_json() for k, d in sorted(self.decisions.items())}}
         try:
             self._file().parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self._file(), json.dumps(data, indent=1) + "\n")
@@ -311,7 +318,7 @@ class Dispatcher:
     def measure(self, name: str, sizes: dict[str, int], variant: Variant) -> Decision:
         """Time kernel and pure path at the class's shape (forward, and forward+backward for the scans)."""
         timer = self.timer or wall_timer()
-        kernel, pure = _paths(name, self._factory())
+        kernel, pure = _paths(name, self._factory(), self._pure())
         args = _synthetic(name, sizes, variant)
         passes = [("forward", lambda fn: _forward_run(fn, args))]
         if name in HAS_BACKWARD:
@@ -377,6 +384,10 @@ def set_default_dispatcher(dispatcher: Dispatcher | None) -> Dispatcher | None:
         return old
 
 
-def prefer_kernel(name: str, args: tuple) -> bool:
-    """hnet_mlx's "auto" question: run kernel `name` for the call `name(*args)`?"""
-    return default_dispatcher().prefer_kernel(name, args)
+def prefer_kernel(name: str, args: tuple, pure: PurePaths) -> bool:
+    """The model package's "auto" question: run kernel `name` for the call `name(*args)`? (`pure`:
+    its pure paths, which the process's dispatcher checks and times the kernel against.)"""
+    dispatcher = default_dispatcher()
+    if dispatcher.pure is None:
+        dispatcher.pure = pure
+    return dispatcher.prefer_kernel(name, args)

@@ -1,6 +1,7 @@
 """The dechunk EMA with its gather (forward) and scatter (backward) as Metal kernels.
 
-Semantics of hnet_mlx.ssd.ema_dechunk: z_j = p_j v_j + (1 - p_j) z_{j-1} over the chunk axis,
+Semantics of the pure twin (PurePaths.ema_dechunk: the MLX model's ssd.ema_dechunk):
+z_j = p_j v_j + (1 - p_j) z_{j-1} over the chunk axis,
 restarting where seq_idx changes (z_{-1} = 0), then out[:, t] = z[:, chunk_index[:, t]], fp32.
 """
 

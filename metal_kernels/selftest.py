@@ -6,8 +6,8 @@
 
 Runs every kernel, forward and backward, once on small inputs that still cover the edge cases
 (partial simdgroups and threadgroups, several chunks, a sequence boundary, an initial state) and
-compares with hnet_mlx's pure-MLX paths. The tolerance (1e-3 of each tensor's scale for fp32,
-looser for 16-bit tensors) is loose on purpose: it separates a broken kernel (a Metal compiler that
+compares with the pure-MLX paths of the model package (reference.PurePaths, passed in). The
+tolerance (1e-3 of each tensor's scale for fp32, looser for 16-bit tensors) is loose on purpose: it separates a broken kernel (a Metal compiler that
 rejects a body, wrong indexing, a race) from the rounding differences of fast math. The full
 comparison lives in tests/test_metal_kernels.py.
 
@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .factory import EmulatorFactory, KernelFactory, current_factory
+from .reference import NoPurePaths, PurePaths, registered
 
 TOLERANCE = {mx.float32: 1e-3, mx.float16: 1e-2, mx.bfloat16: 4e-2}  # of each tensor's scale, by lowest precision
 F32 = mx.float32
@@ -82,8 +83,8 @@ def variant_of(kernel: str, args: tuple) -> Variant:
 
 
 def model_variants(dtype=F32, p: int = 20, n: int = 48, chunk_size: int = 8, k: int = 4, d: int = 40) -> list[Variant]:
-    """The variants an hnet_mlx model whose activations are `dtype` instantiates (see mamba2.py,
-    dechunk.py): x/B/C/D, conv inputs and decode inputs in `dtype`; dt, A, the SSM state and the
+    """The variants an H-Net MLX model whose activations are `dtype` instantiates (its Mamba2 mixers and
+    dechunk layers): x/B/C/D, conv inputs and decode inputs in `dtype`; dt, A, the SSM state and the
     dechunk probabilities in fp32; packed (seq_idx) and padded (no seq_idx) inputs. The default sizes
     are small ones that still cover the edge cases; pass a model's to check its exact variants."""
     t = _dtype_name(mx.zeros((1,), dtype))
@@ -115,11 +116,9 @@ def _error(actual, expected) -> float:
     return float(np.abs(a - e).max()) / max(float(np.abs(e).max()), 1e-3)
 
 
-def _cases(variant: Variant, factory: KernelFactory, seed: int = 0):
+def _cases(variant: Variant, factory: KernelFactory, pure: PurePaths, seed: int = 0):
     """(check name, kernel thunk, reference thunk) for one variant, on small inputs of its dtypes."""
     import hnet_metal_kernels as hk
-    from hnet_mlx import kernels as pure
-    from hnet_mlx import ssd as ref
 
     rng = np.random.default_rng(seed)
     dts = variant.dtypes
@@ -132,13 +131,13 @@ def _cases(variant: Variant, factory: KernelFactory, seed: int = 0):
         p, n = variant.dims
         args = (f(2, 3, p, n, i=0), f(2, 3, p, i=1), f(2, 3, i=2), f(3, i=3), (-mx.exp(f(3))).astype(DTYPES[dts[4]]),
                 f(2, 1, n, i=5), f(2, 1, n, i=6), f(3, i=7))
-        yield "ssm_step", lambda: hk.ssm_step(*args, factory=factory), lambda: ref.ssm_step(*args)
+        yield "ssm_step", lambda: hk.ssm_step(*args, factory=factory), lambda: pure.ssm_step(*args)
         return
 
     if variant.kernel == "conv_step":
         (k,) = variant.dims
         args = (f(2, 40, k, i=0), f(2, 40, i=1), f(40, k, i=2), f(40, i=3))
-        yield "conv_step", lambda: hk.conv_step(*args, factory=factory), lambda: pure.conv_step(*args, mode="off")
+        yield "conv_step", lambda: hk.conv_step(*args, factory=factory), lambda: pure.conv_step(*args)
         return
 
     if variant.kernel == "ssd_scan":
@@ -161,8 +160,8 @@ def _cases(variant: Variant, factory: KernelFactory, seed: int = 0):
             return mx.grad(loss, argnums=argnums)(x, dt, A, B, C, D, init)
 
         kern = lambda *a: hk.ssd_scan(*a, factory=factory)  # noqa: E731
-        yield "ssd_scan", lambda: kern(x, dt, A, B, C, Q, D, seq, init), lambda: ref.ssd_chunk_scan(x, dt, A, B, C, Q, D, seq, init)
-        yield "ssd_scan backward", lambda: grad(kern), lambda: grad(ref.ssd_chunk_scan)
+        yield "ssd_scan", lambda: kern(x, dt, A, B, C, Q, D, seq, init), lambda: pure.ssd_scan(x, dt, A, B, C, Q, D, seq, init)
+        yield "ssd_scan backward", lambda: grad(kern), lambda: grad(pure.ssd_scan)
         return
 
     if variant.kernel == "ema_dechunk":
@@ -180,18 +179,18 @@ def _cases(variant: Variant, factory: KernelFactory, seed: int = 0):
             return mx.grad(lambda v, q: (fn(v, q, ci, seq) * ew).sum(), argnums=[0, 1])(values, prob)
 
         kern = lambda v, q, c, s: hk.ema_dechunk(v, q, c, s, factory=factory)  # noqa: E731
-        yield "ema_dechunk", lambda: kern(values, prob, ci, seq), lambda: ref.ema_dechunk(values, prob, ci, seq)
-        yield "ema_dechunk backward", lambda: grad(kern), lambda: grad(ref.ema_dechunk)
+        yield "ema_dechunk", lambda: kern(values, prob, ci, seq), lambda: pure.ema_dechunk(values, prob, ci, seq)
+        yield "ema_dechunk backward", lambda: grad(kern), lambda: grad(pure.ema_dechunk)
         return
     raise ValueError(f"unknown kernel {variant.kernel!r}")
 
 
-def check_variant(variant: Variant, factory: KernelFactory | None = None) -> dict[str, str | None]:
+def check_variant(variant: Variant, pure: PurePaths, factory: KernelFactory | None = None) -> dict[str, str | None]:
     """{check: None if this variant matches the pure-MLX path, else what went wrong}."""
     factory = current_factory(factory)
     tol = _tolerance(variant)
     report: dict[str, str | None] = {}
-    for name, kernel, reference in _cases(variant, factory):
+    for name, kernel, reference in _cases(variant, factory, pure):
         try:
             got = kernel()
             want = reference()
@@ -206,12 +205,12 @@ def check_variant(variant: Variant, factory: KernelFactory | None = None) -> dic
     return report
 
 
-def self_test(factory: KernelFactory | None = None, dtype=F32) -> dict[str, str | None]:
+def self_test(pure: PurePaths, factory: KernelFactory | None = None, dtype=F32) -> dict[str, str | None]:
     """{check: None if the kernel matches the pure-MLX path, else what went wrong}: every kernel,
     forward and backward, in the variants a model with `dtype` activations uses (small sizes)."""
     report: dict[str, str | None] = {}
     for variant in model_variants(dtype):
-        for name, problem in check_variant(variant, factory).items():
+        for name, problem in check_variant(variant, pure, factory).items():
             if report.get(name) is None:  # keep the first problem of a check
                 report[name] = problem if problem is None else f"{variant.describe()}: {problem}"
     return report
@@ -227,9 +226,14 @@ def main(argv=None) -> int:
     if not factory.available():
         print("Metal is not available here (needs Apple silicon); use --emulate for the CPU emulator")
         return 2
+    try:
+        pure = registered()
+    except NoPurePaths as e:
+        print(e)
+        return 2
     failed = False
     for name in args.dtype or ["float32", "float16", "bfloat16"]:
-        for check, problem in self_test(factory, DTYPES[name]).items():
+        for check, problem in self_test(pure, factory, DTYPES[name]).items():
             failed |= problem is not None
             print(f"{'ok  ' if problem is None else 'FAIL'} {name:8} {check}" + ("" if problem is None else f": {problem}"))
     return 1 if failed else 0

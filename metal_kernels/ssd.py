@@ -9,7 +9,8 @@ Backward (mx.custom_function vjp): 1-2 again, then the same two phases on the ad
 ssd_chunk_scan_bwd_x (dx, dB, the input part of ddt) and ssd_dlog_decay (the decay part of ddt
 and dA: a segmented suffix sum of q_t = <dy_t, y_t - D x_t> - dt_t ddt_t, see that kernel).
 
-Semantics are those of hnet_mlx.ssd.ssd_chunk_scan: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
+Semantics are those of the pure twin (PurePaths.ssd_scan: the MLX model's ssd.ssd_chunk_scan):
+h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,
 y_t = C_t h_t + D x_t, the state restarting where seq_idx changes, fp32 throughout.
 """
 
@@ -142,7 +143,7 @@ def ssd_scan(
 
     x (b,l,h,p), dt (b,l,h) after softplus, A (h,), B/C (b,l,g,n) with g dividing h, D (h,) | None,
     seq_idx (b,l) int | None, initial_state (b,h,p,n) | None -> y (b,l,h,p) fp32, final state
-    (b,h,p,n) fp32. Same signature and math as hnet_mlx.ssd.ssd_chunk_scan."""
+    (b,h,p,n) fp32. Same signature and math as its pure twin (PurePaths.ssd_scan)."""
     b, l, h, p = x.shape
     if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
         raise HNetError(f"ssd_scan: B {B.shape} and C {C.shape} must both be (b, l, g, n) with x {x.shape}")

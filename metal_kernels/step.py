@@ -17,7 +17,7 @@ def ssm_step(state: mx.array, x: mx.array, dt: mx.array, dt_bias: mx.array, A: m
     """One Mamba2 decode step for all heads in one launch (kernel ssm_step.metal).
 
     state (b,h,p,n) fp32, x (b,h,p), dt (b,h) before softplus, dt_bias/A/D (h,), B/C (b,g,n)
-    -> y (b,h,p) fp32, new_state (b,h,p,n) fp32. Same math as hnet_mlx.ssd.ssm_step."""
+    -> y (b,h,p) fp32, new_state (b,h,p,n) fp32. Same math as its pure twin (PurePaths.ssm_step)."""
     b, h, p, n = state.shape
     g = B.shape[1]
     if x.shape != (b, h, p) or dt.shape != (b, h) or B.shape != (b, g, n) or C.shape != (b, g, n):
@@ -40,7 +40,7 @@ def conv_step(conv_state: mx.array, x: mx.array, weight: mx.array, bias: mx.arra
     """Shift x (b, c) into conv_state (b, c, k) and apply the depthwise conv + SiLU (conv_step.metal).
 
     -> out (b, c) in x's dtype, new_state (b, c, k) in conv_state's dtype; same math as
-    hnet_mlx.kernels.conv_step's pure path."""
+    its pure twin (PurePaths.conv_step)."""
     b, c, k = conv_state.shape
     if x.shape != (b, c) or weight.shape != (c, k) or bias.shape != (c,):
         raise HNetError(f"conv_step: inconsistent shapes conv_state {conv_state.shape}, x {x.shape}, "

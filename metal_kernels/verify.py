@@ -12,12 +12,13 @@ Sections (each row of the table is one figure of the JSON):
                  cover the edge cases and (not --quick) at hnet_2stage_XL's head sizes and chunk size
   planted bugs   kernels with a bug planted on purpose (a dropped skip term in the scan, a bf16-only
                  error in conv_step) must fail those checks: the checks have teeth on this machine
-  compiled step  (Mac) a small fp32 model's mx.compile'd decode step with kernels on against pure MLX
   kernel timing  (Mac) kernel vs pure MLX at hnet_2stage_XL's shapes: decode step (ssm_step,
                  conv_step), prefill (ssd_scan, ema_dechunk forward) and training (forward +
                  backward) at 1k and 8k bytes (--quick: 1k)
-  model timing   (Mac) a random-weight hnet_2stage_XL-shaped model in bf16: prefill and decode bytes/s
-                 with kernels off, on and auto (measured dispatch), and the logits' largest difference
+  model checks   (Mac) those the model package supplies with its pure paths (PurePaths.model_checks;
+                 the MLX H-Net package's: a small model's mx.compile'd decode step with kernels on
+                 against pure MLX, and a random-weight hnet_2stage_XL model's bytes/s with kernels
+                 off, on and auto)
 On Linux the correctness sections run through the CPU emulator; the sections marked (Mac) need
 Metal and are reported as "not run". Exit status: 0 if every check that ran passed, else 1.
 """
@@ -32,10 +33,10 @@ import sys
 import time
 
 import mlx.core as mx
-import numpy as np
 
 from . import dispatch
 from .factory import EmulatorFactory, KernelFactory, MetalFactory
+from .reference import NoPurePaths, PurePaths, registered
 from .selftest import DTYPES, Variant, check_variant, model_variants
 from .sources import KERNELS
 
@@ -43,14 +44,15 @@ NOT_RUN = "not run"
 NEEDS_MAC = "needs Apple silicon (Metal)"
 XL = "hnet_2stage_XL"
 RATIO = 3  # bytes per chunk at each routing stage (the XL models' targets)
+SECTIONS = ("correctness", "planted_bugs", "kernel_timing")  # the kernel-level sections after "kernels"
 
 
-def environment() -> dict:
+def environment(pure: PurePaths) -> dict:
     return {
         "chip": dispatch.chip_name(), "os": dispatch.os_version(), "python": platform.python_version(),
         "mlx": mx.__version__, "metal": bool(mx.metal.is_available()), "default_device": str(mx.default_device()),
         "g++": shutil.which("g++") is not None, "clang++": shutil.which("clang++") is not None,
-        "kernel_sources": dispatch.sources_hash(),
+        "kernel_sources": dispatch.sources_hash(pure.files),
     }
 
 
@@ -66,14 +68,14 @@ def xl_dims() -> dict:
     return {"p": MAMBA_HEADDIM, "n": ssm["d_state"], "chunk_size": ssm["chunk_size"], "k": ssm["d_conv"]}
 
 
-def correctness(factory: KernelFactory, quick: bool) -> list[dict]:
+def correctness(factory: KernelFactory, pure: PurePaths, quick: bool) -> list[dict]:
     sizes = [("small", {})] + ([] if quick else [("XL heads", xl_dims())])
     rows = []
     for label, dims in sizes:
         for dname, dtype in DTYPES.items():
             for variant in model_variants(dtype, **dims):
                 start = time.perf_counter()
-                for check, problem in check_variant(variant, factory).items():
+                for check, problem in check_variant(variant, pure, factory).items():
                     rows.append({"check": check, "dtype": dname, "sizes": label, "variant": variant.describe(),
                                  "result": "ok" if problem is None else f"FAIL: {problem}"})
                 rows[-1]["seconds"] = round(time.perf_counter() - start, 3)
@@ -105,68 +107,19 @@ PLANTED = [  # (what, kernel, old, new, variant dtype that must fail, dtype that
 ]
 
 
-def planted_bugs(make_factory) -> list[dict]:
+def planted_bugs(make_factory, pure: PurePaths) -> list[dict]:
     rows = []
     for what, kernel, old, new, failing, passing in PLANTED:
         name = "ssd_scan" if "scan" in kernel else "conv_step"
         verdicts = {}
         for dname in filter(None, (failing, passing)):
             variant = next(v for v in model_variants(DTYPES[dname]) if v.kernel == name)
-            report = check_variant(variant, _Planted(make_factory(), kernel, old, new))
+            report = check_variant(variant, pure, _Planted(make_factory(), kernel, old, new))
             verdicts[dname] = report[name] is not None
         ok = verdicts[failing] and not (passing and verdicts[passing])
         rows.append({"bug": what, "kernel": kernel, "caught_in": failing, "clean_in": passing,
                      "result": "ok" if ok else f"FAIL: caught {verdicts}"})
     return rows
-
-
-# -- the compiled decode step ---------------------------------------------------------------------
-
-SMALL_CONFIG = {
-    "arch_layout": ["m1", ["T1m1", ["t1M1"], "m1T1"], "m1"], "d_model": [32, 32, 64], "d_intermediate": [0, 64, 128],
-    "ssm_cfg": {"chunk_size": 8, "d_conv": 4, "d_state": 16, "expand": 2},
-    "attn_cfg": {"num_heads": [2, 2, 4], "rotary_emb_dim": [8, 8, 16], "window_size": [5, 3, -1]},
-}
-
-
-def random_model(config, dtype=mx.float32, noise: float = 0.02, seed: int = 0):
-    """A model with the official init plus noise (routing then makes non-trivial decisions), in `dtype`."""
-    from mlx.utils import tree_map
-
-    from hnet_mlx.lm import HNetForCausalLM
-
-    mx.random.seed(seed)
-    model = HNetForCausalLM(config)
-    model.init_weights()
-    model.set_dtype(dtype)
-    model.update(tree_map(lambda p: p + (noise * mx.random.normal(p.shape)).astype(p.dtype), model.parameters()))
-    mx.eval(model.parameters())
-    return model
-
-
-def _decode_logits(model, prompt: list[int], steps: list[int], max_seqlen: int | None = None) -> list[np.ndarray]:
-    """Prefill `prompt`, then one compiled (or not: model.compile_step) decode step per byte of `steps`."""
-    cache = model.allocate_inference_cache(batch_size=1, max_seqlen=max_seqlen or len(prompt) + len(steps) + 1)
-    out = [model(mx.array([prompt]), cache=cache).logits[:, -1]]
-    for b in steps:
-        out.append(model.step(mx.array([[b]]), cache).logits[:, -1])
-    mx.eval(out)
-    return [np.array(o.astype(mx.float32)) for o in out]
-
-
-def compiled_step() -> dict:
-    """Prefill + mx.compile'd decode steps of a small fp32 model, kernels on vs off."""
-    from hnet_core.config import HNetConfig
-
-    model = random_model(HNetConfig.from_dict(SMALL_CONFIG))
-    model.compile_step = True
-    prompt, steps = list(b"The old lighthouse keeper climbed"), list(b" the spiral stairs")
-    model.set_kernels("off")
-    off = _decode_logits(model, prompt, steps)
-    model.set_kernels("on")
-    on = _decode_logits(model, prompt, steps)
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(on, off))
-    return {"max_abs_logit_diff": diff, "steps": len(steps), "result": "ok" if diff <= 1e-4 else f"FAIL: {diff:.3g} > 1e-4"}
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -199,17 +152,17 @@ def _fp32_variant(name: str, dims: tuple, with_seq: bool = False) -> Variant:
     return Variant(name, (f, f, "int32", "int32" if with_seq else None), dims)
 
 
-def kernel_timing(quick: bool, budget_s: float) -> list[dict]:
+def kernel_timing(pure: PurePaths, quick: bool, budget_s: float) -> list[dict]:
     timer = dispatch.wall_timer(budget_s=budget_s, reps=5)
     factory = MetalFactory()
     kernel_fns = {}
     rows = []
 
     def time_op(phase, name, sizes, variant, level):
-        kernel, pure = kernel_fns.setdefault(name, dispatch._paths(name, factory))
+        kernel, reference = kernel_fns.setdefault(name, dispatch._paths(name, factory, pure))
         args = dispatch._synthetic(name, sizes, variant)
         run = (lambda fn: dispatch._backward_run(name, fn, args)) if phase == "train" else (lambda fn: dispatch._forward_run(fn, args))
-        k_s, p_s = timer(f"{name} kernel", run(kernel)), timer(f"{name} pure", run(pure))
+        k_s, p_s = timer(f"{name} kernel", run(kernel)), timer(f"{name} pure", run(reference))
         rows.append({"phase": phase, "op": name, "level": level, "shape": sizes, "kernel_ms": round(k_s * 1e3, 4),
                      "pure_ms": round(p_s * 1e3, 4), "speedup": round(p_s / k_s, 3) if k_s > 0 else None})
 
@@ -234,43 +187,6 @@ def kernel_timing(quick: bool, budget_s: float) -> list[dict]:
     return rows
 
 
-def model_timing(quick: bool) -> list[dict]:
-    from hnet_core.official import official_config
-
-    model = random_model(official_config(XL), dtype=mx.bfloat16)
-    prompt_bytes, decode_steps = (256, 16) if quick else (1024, 64)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(32, 127, prompt_bytes).tolist()
-    steps = rng.integers(32, 127, decode_steps).tolist()
-    size = prompt_bytes + decode_steps + 1
-    rows, logits = [], {}
-    for mode in ("off", "on", "auto"):
-        model.set_kernels(mode)
-        # warm-up at the same sizes: compiles the decode step and lets "auto" gate and time every
-        # shape class it will meet, so the timed run below measures steady state
-        _decode_logits(model, prompt, steps[:2], max_seqlen=size)
-        cache = model.allocate_inference_cache(batch_size=1, max_seqlen=size)
-        t = time.perf_counter()
-        first = model(mx.array([prompt]), cache=cache).logits[:, -1]
-        mx.eval(first)
-        prefill_s = time.perf_counter() - t
-        out = [first]
-        t = time.perf_counter()
-        for b in steps:
-            out.append(model.step(mx.array([[b]]), cache).logits[:, -1])
-            mx.eval(out[-1])
-        decode_s = time.perf_counter() - t
-        logits[mode] = [np.array(o.astype(mx.float32)) for o in out]
-        rows.append({"kernels": mode, "prompt_bytes": prompt_bytes, "prefill_bytes_per_s": round(prompt_bytes / prefill_s, 1),
-                     "decode_steps": decode_steps, "decode_bytes_per_s": round(decode_steps / decode_s, 2)})
-    for row in rows:
-        row["max_abs_logit_diff_vs_off"] = max(float(np.abs(a - b).max()) for a, b in zip(logits[row["kernels"]], logits["off"]))
-    chosen = dispatch.default_dispatcher().decisions
-    rows[-1]["auto_chose_kernel_for"] = sorted(k for k, d in chosen.items() if d.use_kernel)
-    rows[-1]["auto_chose_pure_for"] = sorted(k for k, d in chosen.items() if not d.use_kernel)
-    return rows
-
-
 # -- report -----------------------------------------------------------------------------------------
 
 
@@ -281,10 +197,11 @@ def _guard(fn, *args):
         return {"status": f"FAIL: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
 
 
-def report(quick: bool = False, emulate: bool | None = None, budget_s: float = 0.3) -> dict:
+def report(pure: PurePaths, quick: bool = False, emulate: bool | None = None, budget_s: float = 0.3) -> dict:
+    """Every section (see the module docstring); `pure`: the reference paths and the model checks."""
     metal = bool(mx.metal.is_available())
     use_emulator = (not metal) if emulate is None else emulate
-    env = environment()
+    env = environment(pure)
     out: dict = {"environment": env, "quick": quick, "ran_on": "emulator" if use_emulator else "metal"}
     if use_emulator:
         from .emulator import compiler_available
@@ -299,7 +216,7 @@ def report(quick: bool = False, emulate: bool | None = None, budget_s: float = 0
         make = MetalFactory
     if "correctness" not in out:
         factory = make()
-        out["correctness"] = _guard(correctness, factory, quick)
+        out["correctness"] = _guard(correctness, factory, pure, quick)
         built = factory.kernel_names()
         failing = {r["variant"] for r in out["correctness"] if isinstance(r, dict) and r.get("result", "ok") != "ok"} \
             if isinstance(out["correctness"], list) else set()
@@ -307,9 +224,9 @@ def report(quick: bool = False, emulate: bool | None = None, budget_s: float = 0
                               "on": out["ran_on"]} for k in KERNELS}
         if failing:
             out["kernels_note"] = "some variants failed: see correctness"
-        out["planted_bugs"] = _guard(planted_bugs, make)
-    mac_only = {"compiled_step": (compiled_step,), "kernel_timing": (kernel_timing, quick, budget_s),
-                "model_timing": (model_timing, quick)}
+        out["planted_bugs"] = _guard(planted_bugs, make, pure)
+    mac_only = {"kernel_timing": (kernel_timing, pure, quick, budget_s)}
+    mac_only.update({key: (check, quick) for key, check in pure.model_checks})
     for key, (fn, *args) in mac_only.items():
         out[key] = _guard(fn, *args) if metal else {"status": NOT_RUN, "why": NEEDS_MAC}
     out["passed"] = _passed(out)
@@ -360,9 +277,10 @@ def table(out: dict) -> str:
     else:
         section("correctness", corr)
     section("planted bugs (must be caught)", out.get("planted_bugs"))
-    section("compiled decode step, kernels on vs off (small fp32 model)", out.get("compiled_step"))
     section("kernel vs pure MLX at hnet_2stage_XL shapes (ms)", out.get("kernel_timing"))
-    section("random-weight hnet_2stage_XL model, bf16, bytes/s", out.get("model_timing"))
+    known = set(SECTIONS) | {"environment", "quick", "ran_on", "kernels", "kernels_note", "passed"}
+    for key in [k for k in out if k not in known]:  # the model package's checks (PurePaths.model_checks)
+        section(key.replace("_", " ") + " (model check)", out[key])
     lines.append("RESULT: " + ("every check that ran passed" if out["passed"] else "FAILURES above"))
     return "\n".join(lines)
 
@@ -373,7 +291,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes: small-size checks, 1k bytes, a short decode")
     ap.add_argument("--emulate", action="store_true", help="run the correctness checks on the CPU emulator even on a Mac")
     args = ap.parse_args(argv)
-    out = report(quick=args.quick, emulate=True if args.emulate else None)
+    try:
+        pure = registered()
+    except NoPurePaths as e:
+        print(e)
+        return 2
+    out = report(pure, quick=args.quick, emulate=True if args.emulate else None)
     if not args.json:
         print(table(out))
         print("\nJSON (paste this into a bug report):")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 
 from conftest import config_2stage, random_torch_model
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "quality", "gpu_train.py")
-
 
 @pytest.fixture(scope="module")
 def gpu_train():
-    spec = importlib.util.spec_from_file_location("gpu_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench.quality import gpu_train
+
+    return gpu_train
 
 
 def test_plan_steps_fills_the_time_left_with_a_margin(gpu_train):

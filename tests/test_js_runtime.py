@@ -9,14 +9,11 @@ selenium are missing.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 
 import numpy as np
 import onnx
@@ -26,6 +23,8 @@ from click.testing import CliRunner
 from hnet_core.cli import main as hnet_main
 from hnet_core.tokenizer import encode
 from hnet_export import OnnxHNet
+
+import browser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JS_DIR = os.path.join(REPO, "export", "js")
@@ -162,27 +161,10 @@ def test_web_export_needs_onnxruntime_web_and_a_float32_export(official_onnx_exp
     assert result.exit_code == 1 and "float32" in result.output and not os.path.exists(tmp_path / "site")
 
 
-def _chromium_or_skip():
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install selenium)")
-    for exe in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
-        if not os.path.exists(exe):
-            pytest.skip(f"{exe} is missing (apt-get install chromium chromium-driver)")
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def test_web_page_generates_the_same_text_in_chromium(official_onnx_export, tmp_path):
-    _chromium_or_skip()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    if browser.missing():
+        pytest.skip(browser.missing())
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     # The page fetches the prefill graph's weights from weights.onnx.data, as for a model of 64 MiB or more.
     export = _copy_export(official_onnx_export, tmp_path / "external")
@@ -201,33 +183,14 @@ def test_web_page_generates_the_same_text_in_chromium(official_onnx_export, tmp_
     expected = python_generate(official_onnx_export, prompt, "--temperature", "0", "--max-tokens", str(tokens))
     assert node_generate(official_onnx_export, prompt, "--temperature", "0", "-m", str(tokens)).stdout == expected
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=site))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1100,700",
-                 f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        driver.get(f"http://127.0.0.1:{server.server_port}/index.html")
-        status = driver.find_element(By.ID, "status")
-        WebDriverWait(driver, 240).until(lambda d: status.get_attribute("data-state") in ("ready", "error"))
-        assert status.get_attribute("data-state") == "ready", status.text
-        limit = driver.find_element(By.ID, "max-tokens")
-        limit.clear()
-        limit.send_keys(str(tokens))
-        driver.find_element(By.ID, "prompt").send_keys(prompt)
-        WebDriverWait(driver, 240).until(lambda d: status.get_attribute("data-state") in ("done", "error"))
-        assert status.get_attribute("data-state") == "done", status.text
-        text = driver.find_element(By.ID, "output").get_attribute("data-text")
-        driver.save_screenshot(str(tmp_path / "web_page.png"))
-        spans = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#output span")]
-        assert "bytes/s" in status.text
-    finally:
-        driver.quit()
-        server.shutdown()
+    with browser.WebPage(site, tempfile.mkdtemp(dir=tmp_path), window="1100,700") as page:
+        assert page.load(240) == "ready", page.element("status").text
+        page.set_max_tokens(tokens)
+        assert page.generate(prompt, 240) == "done", page.element("status").text
+        text = page.element("output").get_attribute("data-text")
+        page.driver.save_screenshot(str(tmp_path / "web_page.png"))
+        spans = [s.text for s in page.driver.find_elements(By.CSS_SELECTOR, "#output span")]
+        assert "bytes/s" in page.element("status").text
     assert (text + "\n").encode() == expected
     assert len(spans) > 3  # coloured by stage-0 chunks
     assert "".join(spans).endswith(text.strip())

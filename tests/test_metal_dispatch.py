@@ -41,7 +41,7 @@ class FakeTimer:
 
 
 def dispatcher(tmp_path, timer, factory=None, **kw) -> dispatch.Dispatcher:
-    return dispatch.Dispatcher(factory=factory or hk.EmulatorFactory(orders=1, check_address_spaces=False),
+    return dispatch.Dispatcher(pure=mlx_kernels.pure_paths(), factory=factory or hk.EmulatorFactory(orders=1, check_address_spaces=False),
                                timer=timer, path=tmp_path / "dispatch.json", **kw)
 
 
@@ -88,7 +88,7 @@ def test_decisions_are_cached_on_disk_and_reused(tmp_path):
     assert first.prefer_kernel("ssm_step", step_args()) is True
     assert first.prefer_kernel("ssm_step", step_args(b=2)) is True  # same class: no second measurement
     saved = json.loads((tmp_path / "dispatch.json").read_text())
-    assert saved["identity"] == dispatch.identity()
+    assert saved["identity"] == dispatch.identity(mlx_kernels.pure_paths().files)
     (key, decision), = saved["decisions"].items()
     assert key.startswith("ssm_step|b=2,") and decision == {"use_kernel": True, "kernel_s": [1e-4], "pure_s": [2e-4]}
     assert len(timer.calls) == 2
@@ -115,7 +115,7 @@ def test_lengths_share_a_class_per_power_of_two(tmp_path):
 def test_a_changed_kernel_source_or_mlx_version_measures_again(tmp_path, monkeypatch, what):
     dispatcher(tmp_path, FakeTimer({"kernel": 1e-4, "pure": 2e-4})).prefer_kernel("ssm_step", step_args())
     if what == "sources":
-        monkeypatch.setattr(dispatch, "sources_hash", lambda: "an-edited-kernel")
+        monkeypatch.setattr(dispatch, "sources_hash", lambda *files: "an-edited-kernel")
     else:
         monkeypatch.setattr(mx, "__version__", mx.__version__ + ".post1")
     timer = FakeTimer({"kernel": 3e-4, "pure": 2e-4})
@@ -123,7 +123,7 @@ def test_a_changed_kernel_source_or_mlx_version_measures_again(tmp_path, monkeyp
     assert d.prefer_kernel("ssm_step", step_args()) is False
     assert len(timer.calls) == 2
     saved = json.loads((tmp_path / "dispatch.json").read_text())
-    assert saved["identity"] == dispatch.identity() and len(saved["decisions"]) == 1
+    assert saved["identity"] == dispatch.identity(mlx_kernels.pure_paths().files) and len(saved["decisions"]) == 1
 
 
 def test_the_kernel_sources_hash_covers_every_kernel_body(monkeypatch, tmp_path):
@@ -138,6 +138,14 @@ def test_the_kernel_sources_hash_covers_every_kernel_body(monkeypatch, tmp_path)
     for name in ("ssd.py", "step.py", "ema.py"):
         (tmp_path / name).write_text((real / name).read_text())
     assert dispatch.sources_hash() != before
+
+
+def test_the_sources_hash_covers_the_pure_paths_files(tmp_path):
+    pure = tmp_path / "ssd.py"
+    pure.write_text("def ssm_step(): ...\n")
+    before = dispatch.sources_hash((str(pure),))
+    pure.write_text("def ssm_step(): return 1\n")
+    assert dispatch.sources_hash((str(pure),)) != before != dispatch.sources_hash()
 
 
 class PlantedBug(hk.EmulatorFactory):
@@ -181,8 +189,8 @@ def test_the_gate_checks_the_dtype_a_model_uses_and_catches_a_bf16_only_bug(tmp_
     with pytest.warns(RuntimeWarning, match=r"conv_step\[bfloat16"):
         assert d.prefer_kernel("conv_step", tuple(a.astype(mx.bfloat16) for a in conv)) is False
     # the package self-test and its CLI check every dtype too
-    assert hk.self_test(broken, mx.float32)["conv_step"] is None
-    assert "differs" in hk.self_test(broken, mx.bfloat16)["conv_step"]
+    assert hk.self_test(mlx_kernels.pure_paths(), broken, mx.float32)["conv_step"] is None
+    assert "differs" in hk.self_test(mlx_kernels.pure_paths(), broken, mx.bfloat16)["conv_step"]
 
 
 def test_measuring_stops_after_the_time_budget(tmp_path):

@@ -376,7 +376,7 @@ def test_barrier_divergence_in_ema_backward_is_reported():
 
 
 def test_self_test_passes_for_the_shipped_kernels(factory):
-    report = hk.self_test(factory)
+    report = hk.self_test(mlx_kernels.pure_paths(), factory)
     assert set(report) == {"ssm_step", "conv_step", "ssd_scan", "ssd_scan backward", "ema_dechunk", "ema_dechunk backward"}
     assert all(problem is None for problem in report.values()), report
 
@@ -384,7 +384,7 @@ def test_self_test_passes_for_the_shipped_kernels(factory):
 @needs_emulator
 def test_self_test_reports_a_broken_kernel():
     broken = Mutated("hnet_ssd_chunk_scan", "y[xi] = acc + Dh * xv;", "y[xi] = acc;")  # drops the D skip term
-    report = hk.self_test(broken)
+    report = hk.self_test(mlx_kernels.pure_paths(), broken)
     assert "differs from the pure-MLX path" in report["ssd_scan"]
     assert report["ssm_step"] is None and report["ema_dechunk"] is None
 

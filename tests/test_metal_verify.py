@@ -69,19 +69,19 @@ def test_the_mac_only_sections_run_with_stand_ins_for_metal(monkeypatch):
     import hnet_metal_kernels as hk
     from hnet_core.config import HNetConfig
     from hnet_metal_kernels import verify
-    from hnet_mlx import kernels, ssd
+    from hnet_mlx import kernel_checks, kernels, ssd
 
     stand_in = types.SimpleNamespace(
         ssd_scan=ssd.ssd_chunk_scan, ssm_step=ssd.ssm_step, ema_dechunk=ssd.ema_dechunk,
         conv_step=lambda *a: kernels.conv_step(*a, mode="off"))
     monkeypatch.setattr(kernels, "_metal", lambda: stand_in)
-    step = verify.compiled_step()
+    step = kernel_checks.compiled_step()
     assert step["result"] == "ok" and step["max_abs_logit_diff"] == 0.0
 
     import hnet_core.official as official
 
-    monkeypatch.setattr(official, "official_config", lambda name: HNetConfig.from_dict(verify.SMALL_CONFIG))
-    rows = verify.model_timing(quick=True)
+    monkeypatch.setattr(official, "official_config", lambda name: HNetConfig.from_dict(kernel_checks.SMALL_CONFIG))
+    rows = kernel_checks.model_timing(quick=True)
     assert [r["kernels"] for r in rows] == ["off", "on", "auto"]
     assert all(r["prefill_bytes_per_s"] > 0 and r["decode_bytes_per_s"] > 0 for r in rows)
     assert all(r["max_abs_logit_diff_vs_off"] == 0.0 for r in rows)
@@ -90,8 +90,19 @@ def test_the_mac_only_sections_run_with_stand_ins_for_metal(monkeypatch):
             {"level": 1, "length": 8, "d_model": 48, "h": 2, "p": 8, "n": 16, "chunk": 8, "k": 4, "c": 48, "mamba": True}]
     monkeypatch.setattr(verify, "xl_levels", lambda seq_bytes: tiny)
     monkeypatch.setattr(verify, "MetalFactory", lambda: hk.EmulatorFactory(orders=1, check_address_spaces=False))
-    timing = verify.kernel_timing(quick=True, budget_s=0.0)
+    timing = verify.kernel_timing(kernels.pure_paths(), quick=True, budget_s=0.0)
     assert {(r["phase"], r["op"]) for r in timing} == {
         ("decode", "ssm_step"), ("decode", "conv_step"), ("prefill 1024B", "ssd_scan"), ("prefill 1024B", "ema_dechunk"),
         ("train 1024B", "ssd_scan"), ("train 1024B", "ema_dechunk")}
     assert all(r["kernel_ms"] > 0 and r["pure_ms"] > 0 for r in timing)
+
+
+def test_the_kernel_package_imports_nothing_of_the_model_package():
+    """One direction: hnet_mlx uses hnet_metal_kernels, never the reverse (the model passes its pure
+    paths in); importing every module of the kernel package leaves hnet_mlx unimported."""
+    code = ("import sys, hnet_metal_kernels, hnet_metal_kernels.verify, hnet_metal_kernels.selftest, "
+            "hnet_metal_kernels.dispatch, hnet_metal_kernels.reference; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hnet_mlx'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"

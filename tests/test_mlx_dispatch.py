@@ -85,7 +85,7 @@ def test_auto_asks_the_measured_dispatch_of_the_kernel_package(monkeypatch):
         def ssd_scan(self, *a):
             raise AssertionError("must not be called")
 
-        dispatch = types.SimpleNamespace(prefer_kernel=lambda name, args: asked.append((name, len(args))) or False)
+        dispatch = types.SimpleNamespace(prefer_kernel=lambda name, args, pure: asked.append((name, len(args))) or False)
 
     monkeypatch.setattr(kernels, "_metal", lambda: FakeMetal())
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)

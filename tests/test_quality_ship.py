@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-HERE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "quality")
-sys.path.insert(0, HERE)
-
-import ship  # noqa: E402
+from bench.quality import ship
 
 
 def test_training_vocabulary_keeps_words_seen_often_enough_case_ignored(tmp_path):

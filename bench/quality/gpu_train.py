@@ -4,10 +4,10 @@ Made for the lent device machine (bench/quality/README.md, "Training on a GPU"):
 but not this package installed, the working tree plus carried paths at most 64 MiB on the way there,
 and at most 8 files of 16 MiB each on the way back.
 
-    python bench/quality/gpu_train.py stage                  # here: training text as .xz in runs/quality/gpu_data
-    python3 bench/quality/gpu_train.py run --budget 480      # there, carrying runs/quality/gpu_data; writes $OUT
-    python bench/quality/gpu_train.py unpack FILES runs/gpu  # here: FILES = the returned folder -> a run directory
-    python bench/quality/ship.py --run runs/gpu --notes bench/quality/bundled_notes.md
+    python -m bench.quality.gpu_train stage                  # here: training text as .xz in runs/quality/gpu_data
+    python -m bench.quality.gpu_train run --budget 480      # there, carrying runs/quality/gpu_data; writes $OUT
+    python -m bench.quality.gpu_train unpack FILES runs/gpu  # here: FILES = the returned folder -> a run directory
+    python -m bench.quality.ship --run runs/gpu --notes bench/quality/bundled_notes.md
 
 `run` first trains a short probe to measure bytes per second on that machine (pure PyTorch kernels,
 no torch.compile: the fused-kernel packages have no wheels there and a compile costs minutes of the
@@ -31,7 +31,6 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, REPO)
 
 GPU_DATA = os.path.join(REPO, "runs", "quality", "gpu_data")
 CONFIG = os.path.join(HERE, "configs", "hnet_2stage_gpu.json")
@@ -47,7 +46,7 @@ TRAIN_FLAGS = ["--lr", "2e-3", "--schedule", "wsd", "--decay-fraction", "0.2", "
 def stage(train_dir: str, dst: str) -> None:
     """Compress the prepared training text (quality.py prepare) file by file; the trainer reads .xz."""
     if not os.path.isdir(train_dir):
-        raise SystemExit(f"{train_dir} does not exist; run `python bench/quality/quality.py prepare` first")
+        raise SystemExit(f"{train_dir} does not exist; run `python -m bench.quality.quality prepare` first")
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -1,11 +1,12 @@
-"""Pack a training run's latest checkpoint small enough to commit, so a later session can resume it.
+"""Pack a training run's latest checkpoint small enough to carry to another session or machine.
 
-    python bench/quality/pack_run.py runs/bundled bench/quality/resume/bundled
+    python -m bench.quality.pack_run runs/bundled runs/bundled_packed
 
-The packed directory is itself a run directory (train_config.json, metrics.jsonl and one checkpoint),
-so training continues with the trainer's own resume:
+Not for git: the repository holds no checkpoints (tests/test_repository.py fails on a tracked file over
+2 MB outside the bundled model and the fixtures). The packed directory is itself a run directory
+(train_config.json, metrics.jsonl and one checkpoint), so training continues with the trainer's own resume:
 
-    cp -r bench/quality/resume/bundled runs/bundled
+    cp -r runs/bundled_packed runs/bundled
     hnet train --config bench/quality/configs/hnet_2stage.json --data runs/quality/data/train \
         --out runs/bundled --resume [...the run's flags...]
 
@@ -19,10 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, REPO)
 
 
 def pack(run: str, dst: str) -> str:

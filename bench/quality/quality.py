@@ -1,10 +1,10 @@
 """Does dynamic chunking pay off at small scale? The bundled model's data, and a same-compute comparison.
 
-    python bench/quality/quality.py prepare                 # split ../shared/data into train/ and heldout/
-    python bench/quality/quality.py flops                   # FLOPs per byte of the three configs (counted)
-    python bench/quality/quality.py train --steps 2000      # the three models, same bytes (resumable)
-    python bench/quality/quality.py report                  # results.md/json, curves.png, chunks_comparison_2stage.png
-    python bench/quality/quality.py evaluate --model DIR    # one model on every held-out set (model card)
+    python -m bench.quality.quality prepare                 # split ../shared/data into train/ and heldout/
+    python -m bench.quality.quality flops                   # FLOPs per byte of the three configs (counted)
+    python -m bench.quality.quality train --steps 2000      # the three models, same bytes (resumable)
+    python -m bench.quality.quality report                  # results.md/json, curves.png, chunks_comparison_2stage.png
+    python -m bench.quality.quality evaluate --model DIR    # one model on every held-out set (model card)
 
 Data (`prepare`): the English corpora of ../shared/data (see its README for provenance and licences):
 Austen, Brown (detagged), Shakespeare, the Linux and Python documentation. The last 300 KB of each

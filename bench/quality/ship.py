@@ -1,7 +1,7 @@
 """Ship a finished training run as the bundled model: float16 weights in our torch-layout directory
 (which every backend loads) and a MODEL_CARD.md whose figures are measured here, not typed in.
 
-    python bench/quality/ship.py --run runs/bundled_decay --notes bench/quality/bundled_notes.md \
+    python -m bench.quality.ship --run runs/bundled_decay --notes bench/quality/bundled_notes.md \
         --out hnet_core/demo_model
 
 The card holds: parameters per stage, training steps, bytes seen, wall time (the sum of the run's
@@ -18,12 +18,10 @@ import argparse
 import json
 import os
 import subprocess
-import sys
+
+from . import quality  # held-out sets, evaluate_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import quality  # noqa: E402  (bench/quality/quality.py: held-out sets, evaluate_model)
 
 PROMPTS = ("The old lighthouse keeper", "It was the first day of spring, and", "The purpose of this chapter is")
 
@@ -115,7 +113,7 @@ def card(notes: str, ev: dict, summary: dict, stages: list, samples: list, vocab
               "## Held-out evaluation", "",
               "Bits per byte of `hnet eval` (windows of 1024 bytes advancing by 512, every byte scored once) on "
               "text never trained on, beside general-purpose compressors on exactly the same bytes "
-              "(`python bench/quality/quality.py evaluate --model hnet_core/demo_model`):", "",
+              "(`python -m bench.quality.quality evaluate --model hnet_core/demo_model`):", "",
               "| held-out set | bytes | this model | xz -9e | zstd --ultra -22 | bzip2 -9 | vs best of xz/bzip2 | "
               "bytes per stage-0 / stage-1 chunk |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, e in ev["sets"].items():
