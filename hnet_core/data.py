@@ -178,12 +178,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False)
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise HNetError(f"{dst} already exists; pass --force to overwrite it")
-    directory = os.path.dirname(os.path.abspath(dst))
-    io.make_dirs(directory)
-    tmp = os.path.join(directory, f".tmp-{os.path.basename(dst)}-{os.getpid()}")
     starts: list[int] = []
     pos = 0
-    try:
+    with io.atomic_file(dst, what="token file") as tmp:
         with open(tmp, "wb") as f:
             f.write(b"\0" * HEADER_BYTES)
             for doc in read_documents(src):
@@ -203,11 +200,6 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False)
                 blob = json.dumps(header).encode()
             f.seek(0)
             f.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return header
 
 

@@ -211,23 +211,36 @@ def clean_temporaries(directory: str | os.PathLike, name: str | None = None, qui
 def is_disk_full(error: BaseException) -> bool:
     """Out of space or over a file-size limit, whichever library reported it (safetensors and mlx
     raise their own exception types with the system's words in them)."""
-    if isinstance(error, OSError) and error.errno in _FULL_ERRNOS:
+    if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in _FULL_ERRNOS):
         return True
     return isinstance(error, Exception) and any(w in str(error) for w in _FULL_WORDS)
 
 
-def _full_error(error: BaseException, path: str, what: str) -> HNetError:
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else next(
-        (w for w in _FULL_WORDS if w in str(error)), "no space left")
-    return HNetError(f"cannot write {what} {path}: {reason[0].lower() + reason[1:]}; nothing was written "
-                     f"(free some space or choose another path)")
+class DiskFull(HNetError):
+    """A write ran out of space; `reason` is the system's words for it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _full_error(error: BaseException, path: str, what: str) -> DiskFull:
+    # A nested write (a model directory inside a checkpoint) already said why; the outermost names the path.
+    reason = error.reason if isinstance(error, DiskFull) else (
+        error.strerror if isinstance(error, OSError) and error.strerror else
+        next((w for w in _FULL_WORDS if w in str(error)), "No space left on device"))
+    return DiskFull(f"cannot write {what} {path}: {reason[0].lower() + reason[1:]}; nothing was written "
+                     f"(free some space or choose another path)", reason)
+
+
+_depth = 0  # atomic writes under way in this process, nested ones counted
 
 
 def _fault_delay() -> None:
     """HNET_FAULT_DELAY_WRITE=SECONDS: pause this long while each temporary exists (once before it
     is filled, once before the rename), so the fault-injection tests can hit a write's window."""
     delay = os.environ.get("HNET_FAULT_DELAY_WRITE")
-    if delay:
+    if delay and _depth == 1:  # the outermost write only (a checkpoint, not each file inside it)
         time.sleep(float(delay))
 
 
@@ -244,6 +257,7 @@ def atomic_path(dst: str | os.PathLike, directory: bool, what: str = "output") -
     parent, name = os.path.dirname(dst), os.path.basename(dst)
     make_dirs(parent)
     clean_temporaries(parent, name)
+    global _depth
     with _terminate_by_exception():
         prefix = f".tmp-{os.getpid()}-"
         try:
@@ -254,6 +268,7 @@ def atomic_path(dst: str | os.PathLike, directory: bool, what: str = "output") -
                 os.close(fd)
         except OSError as e:
             raise _write_error(e, dst, what) from None
+        _depth += 1
         old = None
         try:
             _fault_delay()
@@ -277,10 +292,11 @@ def atomic_path(dst: str | os.PathLike, directory: bool, what: str = "output") -
             _fsync(parent)
         except BaseException as e:
             _remove(tmp)
-            if is_disk_full(e):
+            if isinstance(e, DiskFull) or is_disk_full(e):
                 raise _full_error(e, dst, what) from None
             raise
         finally:
+            _depth -= 1
             if old is not None:
                 _remove(old)
 
