@@ -92,6 +92,7 @@ _TEMPORARY = re.compile(r"^\.(tmp|old)-(\d+)-[a-z0-9_]{8}-(.+)$")
 _TERMINATED = 128 + signal.SIGTERM  # the shell's exit status for "killed by SIGTERM"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _FULL_WORDS = ("No space left on device", "File too large", "Disk quota exceeded")
+_MLX_WRITE_FAILED = "Unable to write"  # mlx's save_safetensors drops the errno: "[write] Unable to write N bytes"
 
 
 class Terminated(SystemExit):
@@ -213,7 +214,7 @@ def is_disk_full(error: BaseException) -> bool:
     raise their own exception types with the system's words in them)."""
     if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in _FULL_ERRNOS):
         return True
-    return isinstance(error, Exception) and any(w in str(error) for w in _FULL_WORDS)
+    return isinstance(error, Exception) and any(w in str(error) for w in (*_FULL_WORDS, _MLX_WRITE_FAILED))
 
 
 class DiskFull(HNetError):
@@ -228,7 +229,7 @@ def _full_error(error: BaseException, path: str, what: str) -> DiskFull:
     # A nested write (a model directory inside a checkpoint) already said why; the outermost names the path.
     reason = error.reason if isinstance(error, DiskFull) else (
         error.strerror if isinstance(error, OSError) and error.strerror else
-        next((w for w in _FULL_WORDS if w in str(error)), "No space left on device"))
+        next((w for w in _FULL_WORDS if w in str(error)), "The disk refused the data (full, or a file-size limit)"))
     return DiskFull(f"cannot write {what} {path}: {reason[0].lower() + reason[1:]}; nothing was written "
                      f"(free some space or choose another path)", reason)
 
