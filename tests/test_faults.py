@@ -255,7 +255,7 @@ def test_sigterm_inside_a_conversion_or_export_write_leaves_nothing(tmp_path, of
 @pytest.mark.slow
 def test_training_survives_20_random_interruptions(tmp_path, reference_run):
     """SIGTERM and SIGKILL alternately, half inside a chosen write, half at a moment drawn over a whole run."""
-    weights, seconds = reference_run
+    weights, seconds, _ = reference_run
     rng = random.Random(27)
     tally = Tally("training")
     for trial in range(20):
