@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .devices import check_device
 from .errors import HNetError
 
 BACKENDS = ("torch", "mlx", "onnx")
@@ -61,6 +62,7 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
                device: str | None = None) -> LoadedModel:
     if backend not in BACKENDS:
         raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = check_device(backend, device)
     if backend == "torch":
         torch_api = _import("hnet_torch", backend)
         import torch
@@ -79,8 +81,11 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
             raise HNetError("the mlx backend reads config.json from the model directory; convert with `hnet convert torch-to-mlx` first")
         if dtype is None and os.path.abspath(path) == DEMO_MODEL:
             dtype = "float32"  # stored in float16 to stay small; MLX's CPU half-precision matmul is slow
-        model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
         import mlx.core as mx
+
+        if device is not None:
+            mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
 
         def mlx_peak() -> tuple[int, str] | None:
             allocated = int(mx.get_peak_memory())
@@ -99,6 +104,7 @@ def eval_forward(backend: str, path: str, device: str | None = None, dtype: str 
     [(boundary_mask (B, L_s), valid (B, L_s)) per stage]), all numpy."""
     if backend not in BACKENDS:
         raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = check_device(backend, device)
     if backend == "mlx" and dtype is None and os.path.abspath(path) == DEMO_MODEL:
         dtype = "float32"  # as in load_model: the demo is stored in float16, slow on MLX's CPU
     return _import(EVAL_MODULES[backend], backend).make_forward(path, device=device, dtype=dtype)
