@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import urllib.parse
 
 import numpy as np
 import onnx
@@ -210,21 +211,40 @@ def test_web_page_generates_the_same_text_in_chromium(official_onnx_export, tmp_
                  f"--user-data-dir={tempfile.mkdtemp(dir=tmp_path)}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        driver.get(f"http://127.0.0.1:{server.server_port}/index.html")
+    page = f"http://127.0.0.1:{server.server_port}/index.html"
+
+    def finished(state_wanted: str):
         status = driver.find_element(By.ID, "status")
-        WebDriverWait(driver, 240).until(lambda d: status.get_attribute("data-state") in ("ready", "error"))
-        assert status.get_attribute("data-state") == "ready", status.text
-        limit = driver.find_element(By.ID, "max-tokens")
-        limit.clear()
-        limit.send_keys(str(tokens))
-        driver.find_element(By.ID, "prompt").send_keys(prompt)
-        WebDriverWait(driver, 240).until(lambda d: status.get_attribute("data-state") in ("done", "error"))
-        assert status.get_attribute("data-state") == "done", status.text
+        WebDriverWait(driver, 240).until(lambda d: status.get_attribute("data-state") in (state_wanted, "error"))
+        assert status.get_attribute("data-state") == state_wanted, status.text
+        return status
+
+    try:
+        # The address fills the fields and starts the generation (greedy here, to compare with Python).
+        driver.get(f"{page}?{urllib.parse.urlencode({'prompt': prompt, 'bytes': tokens, 'temperature': 0})}&autorun=1")
+        status = finished("done")
+        assert driver.find_element(By.ID, "prompt").get_attribute("value") == prompt
+        assert driver.find_element(By.ID, "top-p").get_attribute("value") == "0.95"  # the sampling default
         text = driver.find_element(By.ID, "output").get_attribute("data-text")
         driver.save_screenshot(str(tmp_path / "web_page.png"))
         spans = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#output span")]
         assert "bytes/s" in status.text
+        # A refused field replaces the previous answer with the error, in the output area itself.
+        field = driver.find_element(By.ID, "max-tokens")
+        field.clear()
+        field.send_keys("-5")
+        driver.find_element(By.ID, "generate").click()
+        finished("error")
+        output = driver.find_element(By.ID, "output")
+        assert output.text == "Error: bytes must be a whole number from 1 to 400, got -5"
+        assert output.get_attribute("data-text") == "" and not driver.find_elements(By.CSS_SELECTOR, "#output span")
+        driver.get(f"{page}?prompt=Hi&temperature=inf&autorun=1")
+        finished("error")
+        assert driver.find_element(By.ID, "output").text == (
+            "Error: temperature must be a finite number >= 0 (0 = greedy), got inf")
+        driver.get(f"{page}?prompt=Hi&bytes=401&autorun=1")
+        finished("error")
+        assert "bytes must be a whole number from 1 to 400, got 401" in driver.find_element(By.ID, "output").text
     finally:
         driver.quit()
         server.shutdown()
