@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 
 import { HNetError, generate, loadModel } from './node.mjs';
-import { samplingParams } from './sampling.mjs';
+import { parseNumber, samplingParams } from './sampling.mjs';
 
 const HELP = `Usage: node cli.mjs --model DIR --prompt TEXT [options]
 
@@ -31,15 +31,10 @@ Options:
   -v, --verbose              Print throughput and chunk statistics after generating.
   -h, --help                 Show this message and exit.`;
 
-/** Python's float() spellings of the non-finite values, so `--temperature inf` reaches the same check. */
-const NON_FINITE = { inf: Infinity, '+inf': Infinity, '-inf': -Infinity, infinity: Infinity, '+infinity': Infinity,
-  '-infinity': -Infinity, nan: NaN, '+nan': NaN, '-nan': NaN };
-
 function number(name, value, integer = false) {
   if (value === undefined) return undefined;
-  const word = value.trim().toLowerCase();
-  if (!integer && word in NON_FINITE) return NON_FINITE[word];
-  const n = Number(value);
+  if (!integer && /^[+-]?nan$/i.test(value.trim())) return NaN;  // as Python's float('nan'): the range check judges it
+  const n = integer ? Number(value) : parseNumber(value);  // floats: Python's spellings of inf too
   if (value.trim() === '' || Number.isNaN(n) || (integer && !Number.isInteger(n))) {
     throw new HNetError(`Invalid value for '--${name}': '${value}' is not a valid ${integer ? 'integer' : 'float'}.`);
   }

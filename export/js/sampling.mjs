@@ -17,6 +17,18 @@ export const DEFAULT_SAMPLING = Object.freeze({
   seed: null,
 });
 
+// Python's float() spellings of the non-finite values, so `--temperature inf` (or `?temperature=inf`)
+// reaches the range checks below and gets the message Python gives.
+const NON_FINITE = { inf: Infinity, '+inf': Infinity, '-inf': -Infinity, infinity: Infinity, '+infinity': Infinity,
+  '-infinity': -Infinity, nan: NaN, '+nan': NaN, '-nan': NaN };
+
+/** A number typed by a user, read as Python's float() reads it; NaN for anything else (or nothing). */
+export function parseNumber(text) {
+  const word = String(text).trim().toLowerCase();
+  if (word in NON_FINITE) return NON_FINITE[word];
+  return word === '' ? NaN : Number(word);
+}
+
 /** A number as Python prints it in the messages below (inf, -inf, nan), so both runtimes say the same. */
 function shown(x) {
   if (typeof x !== 'number' || Number.isFinite(x)) return `${x}`;

@@ -6,7 +6,7 @@
 //   index.html?prompt=Once%20upon&bytes=120&temperature=0.8&top_p=0.95&seed=7&autorun=1
 
 import * as ort from './ort/ort.wasm.min.mjs';
-import { HNetError, loadModelFromUrl, samplingParams, segment, streamGenerate } from './hnet/web.mjs';
+import { HNetError, loadModelFromUrl, parseNumber, samplingParams, segment, streamGenerate } from './hnet/web.mjs';
 
 // URL parameter -> field it fills.
 const URL_FIELDS = { prompt: 'prompt', bytes: 'max-tokens', temperature: 'temperature', top_p: 'top-p', seed: 'seed' };
@@ -30,15 +30,15 @@ function showError(message) {
   setStatus('error', message);
 }
 
-/** A field's number; an empty or non-numeric field is NaN, which the range checks then refuse. */
+/** A field's number (Python's spellings of inf and nan included); an empty or non-numeric field is
+ * NaN, which the range checks then refuse. */
 function fieldNumber(id) {
-  const text = $(id).value.trim();
-  return text === '' ? NaN : Number(text);
+  return parseNumber($(id).value);
 }
 
 /** The options of the fields, checked like every runtime checks them (an HNetError otherwise). */
 function readOptions() {
-  const limit = Number($('max-tokens').max);
+  const limit = Number($('max-tokens').dataset.max);
   const maxTokens = fieldNumber('max-tokens');
   if (!(Number.isInteger(maxTokens) && maxTokens >= 1 && maxTokens <= limit)) {
     throw new HNetError(`bytes must be a whole number from 1 to ${limit}, got ${$('max-tokens').value.trim() || 'nothing'}`);
@@ -163,7 +163,7 @@ async function main() {
     return;
   }
   // The longest generation this export allows (the prompt shares max_seqlen; generate says so if it does not fit).
-  $('max-tokens').max = String(model.maxSeqlen);
+  $('max-tokens').dataset.max = String(model.maxSeqlen);
   const seconds = (performance.now() - t0) / 1000;
   status.dataset.loadSeconds = String(seconds);
   setStatus('ready', `Model loaded in ${seconds.toFixed(1)} s. Type a prompt.`);
