@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .devices import check_device
 from .errors import HNetError
 
 BACKENDS = ("torch", "mlx", "onnx")
@@ -56,6 +55,49 @@ def _rss_peak() -> tuple[int, str] | None:
         return (peak if sys.platform == "darwin" else peak * 1024), RSS_PEAK
     except Exception:
         return None
+
+
+# -- --device, checked once for every command and backend before anything is loaded. Each backend
+# names its devices differently (torch: cpu, cuda, cuda:N, mps; onnx: its providers auto, cpu, cuda;
+# mlx: cpu, gpu), so the backend's framework is asked what this machine has (imported only when a
+# device is given, so `--backend onnx` still never imports torch), and a device it lacks is one line
+# listing what it has.
+
+
+def available_devices(backend: str) -> list[str]:
+    """The --device values that work for `backend` on this machine."""
+    if backend == "torch":
+        import torch
+
+        out = ["cpu"]
+        if torch.cuda.is_available():
+            out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.backends.mps.is_available():
+            out.append("mps")
+        return out
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return ["auto", "cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return ["cpu"] + (["gpu"] if mx.metal.is_available() else [])
+    raise HNetError(f"backend must be one of torch, mlx, onnx, got {backend!r}")
+
+
+def check_device(backend: str, device: str | None) -> str | None:
+    """`device` unchanged when this machine has it for `backend` (None: the backend's default);
+    otherwise an HNetError naming what is available here."""
+    if device is None:
+        return None
+    available = available_devices(backend)
+    if device in available:
+        return device
+    known = {"torch": ("cpu", "cuda", "mps"), "onnx": ("auto", "cpu", "cuda"), "mlx": ("cpu", "gpu")}[backend]
+    kind = device.split(":")[0]
+    why = "is not available here" if kind in known else f"is not a {backend} device"
+    raise HNetError(f"--device {device} {why}; available here for the {backend} backend: {', '.join(available)}")
 
 
 def load_model(backend: str, path: str, config: str | None = None, dtype: str | None = None,

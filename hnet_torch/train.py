@@ -32,7 +32,7 @@ from hnet_core import checkpoint as ckpt
 from hnet_core import train_loop
 from hnet_core.config import HNetConfig
 from hnet_core.data import Batch
-from hnet_core.devices import check_device
+from hnet_core.backends import check_device
 from hnet_core.errors import HNetError
 from hnet_core.train_cli import config_from_options, train_options
 from hnet_core.train_config import TrainConfig

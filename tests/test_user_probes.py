@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from hnet_core.cli import main as hnet_main
-from hnet_core.devices import available_devices, check_device
+from hnet_core.backends import available_devices, check_device
 from hnet_core.errors import HNetError
 from hnet_core.sampling import SamplingParams
 
