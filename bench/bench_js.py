@@ -80,6 +80,7 @@ def browser_run(model_dir: str, tokens: int, repeats: int, screenshot: str | Non
                 "return performance.getEntriesByType('resource').reduce((a, e) => a + (e.encodedBodySize || 0), 0)"
                 " + (performance.getEntriesByType('navigation')[0]?.encodedBodySize || 0)")
             page.set_max_tokens(tokens)
+            page.set_field("temperature", 0)  # the page samples by default; greedy compares with Python and Node
             best, text = 0.0, ""
             for _ in range(repeats):
                 page.generate(PROMPT, 600, clear=True)

@@ -21,6 +21,7 @@ torch; the runtime never imports it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -81,26 +82,46 @@ def _example(spec: TensorSpec) -> torch.Tensor:
     return torch.zeros(shape, dtype=getattr(torch, spec.dtype))
 
 
+class _NoTorchvisionNotes(logging.Filter):
+    """torch.onnx warns once per torchvision op (nms, roi_align, ...) that torchvision is missing while it
+    builds its op table; H-Net uses none of them, so those lines are noise to our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
+
+
 def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int,
            fixed_args: int | None):
     args = tuple(_example(s) for s in inputs)
     dims = tuple(_dims(s) for s in inputs)
     if fixed_args is not None:  # forward(input_ids, [mask,] *states): dynamic shapes follow the signature
         dims = (*dims[:fixed_args], dims[fixed_args:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, None, input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-            opset_version=opset, dynamo=True, dynamic_shapes=dims, verbose=False,
-            # No onnxscript optimisation: its constant folding turns every Linear weight into a
-            # transposed copy with a generated name, so the graphs could no longer share one weights
-            # file (and a large model's .onnx would pass the 2 GB protobuf limit). onnxruntime folds
-            # those transposes itself when it loads the graph.
-            optimize=False,
-        )
+    quiet = _NoTorchvisionNotes()
+    logging.getLogger(_REGISTRATION_LOG).addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = _export(module, args, inputs, outputs, opset, dims)
+    finally:
+        logging.getLogger(_REGISTRATION_LOG).removeFilter(quiet)
     _name_axes(program.model, inputs, outputs)
     _strip_metadata(program.model)
     return program.model
+
+
+def _export(module, args, inputs, outputs, opset, dims):
+    return torch.onnx.export(
+        module, args, None, input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
+        opset_version=opset, dynamo=True, dynamic_shapes=dims, verbose=False,
+        # No onnxscript optimisation: its constant folding turns every Linear weight into a
+        # transposed copy with a generated name, so the graphs could no longer share one weights
+        # file (and a large model's .onnx would pass the 2 GB protobuf limit). onnxruntime folds
+        # those transposes itself when it loads the graph.
+        optimize=False,
+    )
 
 
 def _strip_metadata(model: ir.Model) -> None:

@@ -57,10 +57,54 @@ def _rss_peak() -> tuple[int, str] | None:
         return None
 
 
+# -- --device, checked once for every command and backend before anything is loaded. Each backend
+# names its devices differently (torch: cpu, cuda, cuda:N, mps; onnx: its providers auto, cpu, cuda;
+# mlx: cpu, gpu), so the backend's framework is asked what this machine has (imported only when a
+# device is given, so `--backend onnx` still never imports torch), and a device it lacks is one line
+# listing what it has.
+
+
+def available_devices(backend: str) -> list[str]:
+    """The --device values that work for `backend` on this machine."""
+    if backend == "torch":
+        import torch
+
+        out = ["cpu"]
+        if torch.cuda.is_available():
+            out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if torch.backends.mps.is_available():
+            out.append("mps")
+        return out
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return ["auto", "cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    if backend == "mlx":
+        import mlx.core as mx
+
+        return ["cpu"] + (["gpu"] if mx.metal.is_available() else [])
+    raise HNetError(f"backend must be one of torch, mlx, onnx, got {backend!r}")
+
+
+def check_device(backend: str, device: str | None) -> str | None:
+    """`device` unchanged when this machine has it for `backend` (None: the backend's default);
+    otherwise an HNetError naming what is available here."""
+    if device is None:
+        return None
+    available = available_devices(backend)
+    if device in available:
+        return device
+    known = {"torch": ("cpu", "cuda", "mps"), "onnx": ("auto", "cpu", "cuda"), "mlx": ("cpu", "gpu")}[backend]
+    kind = device.split(":")[0]
+    why = "is not available here" if kind in known else f"is not a {backend} device"
+    raise HNetError(f"--device {device} {why}; available here for the {backend} backend: {', '.join(available)}")
+
+
 def load_model(backend: str, path: str, config: str | None = None, dtype: str | None = None,
                device: str | None = None) -> LoadedModel:
     if backend not in BACKENDS:
         raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = check_device(backend, device)
     if backend == "torch":
         torch_api = _import("hnet_torch", backend)
         import torch
@@ -79,8 +123,11 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
             raise HNetError("the mlx backend reads config.json from the model directory; convert with `hnet convert torch-to-mlx` first")
         if dtype is None and os.path.abspath(path) == DEMO_MODEL:
             dtype = "float32"  # stored in float16 to stay small; MLX's CPU half-precision matmul is slow
-        model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
         import mlx.core as mx
+
+        if device is not None:
+            mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
 
         def mlx_peak() -> tuple[int, str] | None:
             allocated = int(mx.get_peak_memory())
@@ -99,6 +146,7 @@ def eval_forward(backend: str, path: str, device: str | None = None, dtype: str 
     [(boundary_mask (B, L_s), valid (B, L_s)) per stage]), all numpy."""
     if backend not in BACKENDS:
         raise HNetError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = check_device(backend, device)
     if backend == "mlx" and dtype is None and os.path.abspath(path) == DEMO_MODEL:
         dtype = "float32"  # as in load_model: the demo is stored in float16, slow on MLX's CPU
     return _import(EVAL_MODULES[backend], backend).make_forward(path, device=device, dtype=dtype)

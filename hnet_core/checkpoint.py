@@ -10,9 +10,10 @@
         trainer_state.json     step, data position, RNG states, backend, world size
       model/                   the final weights (a model directory), written when training ends
 
-A checkpoint directory is written under a temporary name and renamed into place, so a run cut
-off mid-write leaves the previous checkpoints untouched; `trainer_state.json` is written last,
-and only directories holding it count as checkpoints. After each save the oldest are deleted so
+A checkpoint directory is written under a temporary name and renamed into place (io.atomic_path),
+so a run cut off mid-write leaves the previous checkpoints untouched; `trainer_state.json` is
+written last, and only directories holding it count as checkpoints. It records each file's size,
+so `--resume` passes over a checkpoint damaged afterwards and takes the newest intact one. After each save the oldest are deleted so
 that `keep_last` remain.
 """
 
@@ -60,27 +61,78 @@ def latest_checkpoint(out: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(out: str, resume: str) -> str:
-    """`--resume` (latest in OUT) or `--resume PATH` (a checkpoint directory) -> checkpoint directory."""
+def checkpoint_problem(path: str) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (a file missing, truncated or unreadable), or None.
+
+    Checkpoints are renamed into place complete, so this catches damage done after the fact (a
+    disk error, a copy cut short, a hand edit) before loading it half-way."""
+    try:
+        with open(os.path.join(path, STATE_NAME), encoding="utf-8") as f:
+            state = json.load(f)
+        # Checkpoints written before sizes were recorded: check what is there.
+        sizes = state.get("files") or {n: None for n in os.listdir(path) if n.endswith((".safetensors", ".json"))}
+        for name in sorted(sizes):
+            file = os.path.join(path, name)
+            if not os.path.exists(file):
+                return f"{name} is missing"
+            if sizes[name] is not None and os.path.getsize(file) != sizes[name]:
+                return f"{name} has {os.path.getsize(file)} bytes, {sizes[name]} were written"
+            if name.endswith(".safetensors"):
+                io.read_safetensors_header(file)
+            elif name.endswith(".json"):
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+    except (OSError, ValueError, AttributeError, HNetError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def resolve_resume(out: str, resume: str) -> str | None:
+    """`--resume` (latest in OUT) or `--resume PATH` (a checkpoint directory) -> checkpoint directory.
+
+    Plain `--resume` takes the newest checkpoint that is intact (saying which damaged ones it passed
+    over), and None where the run was stopped before its first checkpoint (it starts again)."""
     if resume in ("", "latest"):
-        path = latest_checkpoint(out)
-        if path is None:
-            raise HNetError(f"--resume: no checkpoint found in {os.path.join(out, CHECKPOINTS)}; start without --resume")
-        return path
+        found = list_checkpoints(out)
+        for _, path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"skipping damaged checkpoint {path} ({problem})", file=sys.stderr, flush=True)
+        if found:
+            raise HNetError(f"--resume: every checkpoint in {os.path.join(out, CHECKPOINTS)} is damaged; "
+                            f"start again without --resume in a new --out")
+        if os.path.exists(os.path.join(out, TRAIN_CONFIG_NAME)):
+            return None
+        raise HNetError(f"--resume: no checkpoint found in {os.path.join(out, CHECKPOINTS)}; start without --resume")
     if not os.path.exists(os.path.join(resume, STATE_NAME)):
         raise HNetError(f"--resume {resume} is not a training checkpoint (no {STATE_NAME}); "
                         f"pass a directory like {step_dir(out, 1000)} or plain --resume for the latest")
+    problem = checkpoint_problem(resume)
+    if problem is not None:
+        raise HNetError(f"--resume {resume}: the checkpoint is damaged ({problem}); pass an older one "
+                        f"or plain --resume for the newest intact one")
     return resume
 
 
 def write_checkpoint(out: str, step: int, fill: Callable[[str], dict], keep_last: int) -> str:
-    """Create checkpoint `step` atomically: fill(tmp_dir) writes the files and returns trainer state."""
+    """Create checkpoint `step` atomically: fill(tmp_dir) writes the files and returns trainer state.
+
+    The state records every file's size, so a checkpoint damaged later is recognised (checkpoint_problem)."""
     path = step_dir(out, step)
-    with io.atomic_directory(path, force=True) as tmp:
+    with io.atomic_directory(path, force=True, what="checkpoint") as tmp:
         state = fill(tmp)
+        state["files"] = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         io.atomic_write_text(os.path.join(tmp, STATE_NAME), json.dumps(state, indent=1) + "\n")
     rotate(out, keep_last)
     return path
+
+
+def clean_run_directory(out: str) -> None:
+    """Remove the temporaries a killed earlier session of this run left (half-written checkpoints,
+    a half-written final model)."""
+    io.clean_temporaries(out)
+    io.clean_temporaries(os.path.join(out, CHECKPOINTS))
 
 
 def rotate(out: str, keep_last: int) -> None:

@@ -60,6 +60,15 @@ class HNetGroup(click.Group):
                 return unavailable
         return super().get_command(ctx, name)
 
+    def format_commands(self, ctx, formatter):
+        # Listing the commands imports their modules; what those print on import (hnet_mlx's BLAS
+        # hint) concerns running a command, not reading --help.
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            super().format_commands(ctx, formatter)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -123,12 +123,12 @@ def _directory_files(path: str) -> list[str]:
     return [f for f in files if os.path.isfile(f)]
 
 
-def read_documents(path: str | os.PathLike) -> Iterator[bytes]:
+def read_documents(path: str | os.PathLike, purpose: str = "training") -> Iterator[bytes]:
     """Raw bytes of every document under `path` (text file, directory, JSONL; .xz/.gz/.bz2 read transparently).
 
     A plain file is one document; a JSONL file gives one document per line's "text"; a directory
     gives the documents of every file in it, in sorted path order. Raises HNetError when `path`
-    is missing or holds no bytes at all.
+    is missing or holds no bytes at all (naming `purpose`, what needs the text).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -148,7 +148,7 @@ def read_documents(path: str | os.PathLike) -> Iterator[bytes]:
             yield doc
     if not found:
         what = "JSONL file has no non-empty \"text\"" if len(files) == 1 and _is_jsonl(files[0]) else "is empty"
-        raise HNetError(f"data {path} {what}; training needs at least one byte of text")
+        raise HNetError(f"data {path} {what}; {purpose} needs at least one byte of text")
 
 
 def frame(documents: Iterator[bytes] | list[bytes]) -> TokenData:
@@ -178,12 +178,9 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False)
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.exists(dst) and not force:
         raise HNetError(f"{dst} already exists; pass --force to overwrite it")
-    directory = os.path.dirname(os.path.abspath(dst))
-    io.make_dirs(directory)
-    tmp = os.path.join(directory, f".tmp-{os.path.basename(dst)}-{os.getpid()}")
     starts: list[int] = []
     pos = 0
-    try:
+    with io.atomic_file(dst, what="token file") as tmp:
         with open(tmp, "wb") as f:
             f.write(b"\0" * HEADER_BYTES)
             for doc in read_documents(src):
@@ -203,11 +200,6 @@ def prepare(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False)
                 blob = json.dumps(header).encode()
             f.seek(0)
             f.write(MAGIC + len(blob).to_bytes(8, "little") + blob)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return header
 
 

@@ -89,7 +89,7 @@ def plan_windows(lengths: list[int], window: int, stride: int) -> list[Window]:
 def load_documents(path: str, max_bytes: int | None = None) -> list[np.ndarray]:
     """BOS + bytes per document, at most max_bytes text bytes in total."""
     docs, total = [], 0
-    for doc in read_documents(path):
+    for doc in read_documents(path, purpose="evaluation"):
         if max_bytes is not None:
             doc = doc[: max(max_bytes - total, 0)]
         if not doc:

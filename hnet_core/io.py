@@ -2,16 +2,23 @@
 
 Our model directory is the one mlx-lm uses: `config.json` + `model.safetensors`, or, above a
 size limit, `model-00001-of-0000N.safetensors` shards listed in `model.safetensors.index.json`
-(`{"metadata": {...}, "weight_map": {tensor name: shard file}}`). Everything is written to a
-temporary name first and renamed, so an interrupted write never leaves a half-written file.
+(`{"metadata": {...}, "weight_map": {tensor name: shard file}}`). Everything is written through
+`atomic_path` (a temporary sibling, fsync, rename), so an interrupted write never leaves a
+half-written file (docs/robustness.md).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -79,25 +86,24 @@ def normal_permissions(path: str | os.PathLike) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise HNetError(f"cannot write {path}: it is a directory; give a file name")
-    make_dirs(directory)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    except OSError as e:
-        raise _write_error(e, path, "file") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        normal_permissions(tmp)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Temporaries are hidden siblings named `.tmp-<pid>-<random>-<name>` (`.old-...` for a directory
+# being replaced), so a later run can tell a leftover of a dead process from the work of a live one.
+_TEMPORARY = re.compile(r"^\.(tmp|old)-(\d+)-[a-z0-9_]{8}-(.+)$")
+_TERMINATED = 128 + signal.SIGTERM  # the shell's exit status for "killed by SIGTERM"
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_FULL_WORDS = ("No space left on device", "File too large", "Disk quota exceeded")
+_MLX_WRITE_FAILED = "Unable to write"  # mlx's save_safetensors drops the errno: "[write] Unable to write N bytes"
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived while a temporary existed; raised so that every `finally` (and our cleanup) runs."""
+
+    def __init__(self):
+        super().__init__(_TERMINATED)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def read_json(path: str | os.PathLike, not_found: str = "{path} not found",
@@ -120,8 +126,230 @@ def write_json(path: str | os.PathLike, data: Any, indent: int) -> None:
 
 
 @contextmanager
-def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[str]:
-    """Yield a temporary directory beside `dst`; on success it replaces `dst` in one rename.
+def _terminate_by_exception() -> Iterator[None]:
+    """SIGTERM's default action ends the process without running `finally` blocks, which would leave
+    the temporary behind; while one exists, SIGTERM raises instead. A handler someone else installed
+    (training's stop request) is left alone: it already lets the write finish."""
+    installed = False
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        installed = True
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back for the few renames that publish a write, so no signal splits them
+    (they are delivered right after)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):  # some filesystems cannot fsync a directory; the data is what matters
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    if not os.path.isdir(path):
+        _fsync(path)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def clean_temporaries(directory: str | os.PathLike, name: str | None = None, quiet: bool = False) -> list[str]:
+    """Remove what an interrupted earlier write (SIGKILL, power loss) left in `directory`: our
+    temporaries whose process is gone (only those of `name`, when given). Says so in one line on
+    stderr; returns the removed paths."""
+    directory = os.fspath(directory)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    removed, restored = [], []
+    for entry in entries:
+        m = _TEMPORARY.match(entry)
+        if m is None or (name is not None and m.group(3) != name) or _pid_alive(int(m.group(2))):
+            continue
+        path, target = os.path.join(directory, entry), os.path.join(directory, m.group(3))
+        if m.group(1) == "old" and not os.path.lexists(target):
+            # Killed between its two renames: this is the previous output, and nothing replaced it.
+            os.replace(path, target)
+            restored.append(target)
+            continue
+        _remove(path)
+        removed.append(path)
+    if (removed or restored) and not quiet:
+        what = "temporary" if len(removed) == 1 else "temporaries"
+        again = f" and put back {', '.join(restored)}" if restored else ""
+        print(f"removed {len(removed)} leftover {what} of an interrupted earlier write in {directory}{again}",
+              file=sys.stderr, flush=True)
+    return removed
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Out of space or over a file-size limit, whichever library reported it (safetensors and mlx
+    raise their own exception types with the system's words in them)."""
+    if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in _FULL_ERRNOS):
+        return True
+    return isinstance(error, Exception) and any(w in str(error) for w in (*_FULL_WORDS, _MLX_WRITE_FAILED))
+
+
+class DiskFull(HNetError):
+    """A write ran out of space; `reason` is the system's words for it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _full_error(error: BaseException, path: str, what: str) -> DiskFull:
+    # A nested write (a model directory inside a checkpoint) already said why; the outermost names the path.
+    reason = error.reason if isinstance(error, DiskFull) else (
+        error.strerror if isinstance(error, OSError) and error.strerror else
+        next((w for w in _FULL_WORDS if w in str(error)), "The disk refused the data (full, or a file-size limit)"))
+    return DiskFull(f"cannot write {what} {path}: {reason[0].lower() + reason[1:]}; nothing was written "
+                     f"(free some space or choose another path)", reason)
+
+
+_depth = 0  # atomic writes under way in this process, nested ones counted
+
+
+def _fault_delay() -> None:
+    """HNET_FAULT_DELAY_WRITE=SECONDS: pause this long while each temporary exists (once before it
+    is filled, once before the rename), so the fault-injection tests can hit a write's window."""
+    delay = os.environ.get("HNET_FAULT_DELAY_WRITE")
+    if delay and _depth == 1:  # the outermost write only (a checkpoint, not each file inside it)
+        time.sleep(float(delay))
+
+
+@contextmanager
+def atomic_path(dst: str | os.PathLike, directory: bool, what: str = "output") -> Iterator[str]:
+    """The one way this project writes a file or directory: yield a temporary sibling of `dst` to
+    write into; on success fsync it, then rename it over `dst` with SIGINT/SIGTERM held back.
+
+    On any exit it can see (an exception, Ctrl-C, SIGTERM) the temporary is removed, so `dst` is
+    either the complete new output or what it was before. A full disk becomes one HNetError line.
+    Leftovers of an earlier, killed write of the same `dst` are removed first.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    parent, name = os.path.dirname(dst), os.path.basename(dst)
+    make_dirs(parent)
+    clean_temporaries(parent, name)
+    global _depth
+    with _terminate_by_exception():
+        prefix = f".tmp-{os.getpid()}-"
+        try:
+            if directory:
+                tmp = tempfile.mkdtemp(prefix=prefix, suffix="-" + name, dir=parent)
+            else:
+                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix="-" + name, dir=parent)
+                os.close(fd)
+        except OSError as e:
+            raise _write_error(e, dst, what) from None
+        _depth += 1
+        old = None
+        try:
+            _fault_delay()
+            yield tmp
+            _fault_delay()
+            normal_permissions(tmp)  # mkstemp/mkdtemp start private (0600/0700)
+            _fsync_tree(tmp)
+            with _signals_blocked():
+                if directory and os.path.isdir(dst):
+                    # A directory cannot be replaced in one rename: move the old one aside first. A
+                    # crash between the two leaves `.old-*`, which clean_temporaries removes.
+                    old = os.path.join(parent, ".old-" + os.path.basename(tmp)[len(".tmp-"):])
+                    os.replace(dst, old)
+                try:
+                    os.replace(tmp, dst)
+                except BaseException:
+                    if old is not None:  # put the previous output back
+                        os.replace(old, dst)
+                        old = None
+                    raise
+            _fsync(parent)
+        except BaseException as e:
+            _remove(tmp)
+            if isinstance(e, DiskFull) or is_disk_full(e):
+                raise _full_error(e, dst, what) from None
+            raise
+        finally:
+            _depth -= 1
+            if old is not None:
+                _remove(old)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, what: str = "file") -> None:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise HNetError(f"cannot write {path}: it is a directory; give a file name")
+    atomic_write_bytes(path, text.encode("utf-8"), what)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "file") -> None:
+    with atomic_path(path, directory=False, what=what) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, what: str = "output", force: bool = True) -> Iterator[str]:
+    """Yield a temporary path for a library to write one file to (safetensors, savefig...); it
+    replaces `path` on success (refused when `path` exists, unless `force`)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise HNetError(f"cannot write {what} {path}: it is a directory; give a file name")
+    if os.path.exists(path) and not force:
+        raise HNetError(f"{path} already exists; pass --force to overwrite it")
+    with atomic_path(path, directory=False, what=what) as tmp:
+        yield tmp
+
+
+@contextmanager
+def atomic_directory(dst: str | os.PathLike, force: bool = False, what: str = "output") -> Iterator[str]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst` (see atomic_path).
 
     Refuses to replace an existing non-empty `dst` unless `force`.
     """
@@ -130,26 +358,8 @@ def atomic_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
         raise HNetError(f"output path {dst} exists and is not a directory; choose another path")
     if os.path.isdir(dst) and os.listdir(dst) and not force:
         raise HNetError(f"output directory {dst} already exists and is not empty; pass --force to overwrite it")
-    parent = os.path.dirname(dst)
-    make_dirs(parent)
-    try:
-        tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
-    except OSError as e:
-        raise _write_error(e, dst) from None
-    try:
+    with atomic_path(dst, directory=True, what=what) as tmp:
         yield tmp
-        normal_permissions(tmp)  # mkdtemp's 0700, and whatever the writers inside left
-        if os.path.isdir(dst):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(dst) + "-", dir=parent)
-            os.rmdir(old)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[str]]:

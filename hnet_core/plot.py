@@ -102,16 +102,11 @@ def plot_run(run_dir: str, out: str | None = None, smooth: int = 1) -> str:
     fig.suptitle(os.path.basename(os.path.normpath(os.path.dirname(path))))
     fig.tight_layout()
     out = out or os.path.join(os.path.dirname(path), "curves.png")
-    directory = os.path.dirname(os.path.abspath(out))
-    io.make_dirs(directory)
-    tmp = os.path.join(directory, f".tmp-{os.path.basename(out)}-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)
+        with io.atomic_file(out, what="plot") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

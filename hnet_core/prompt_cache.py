@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
 
+from . import io
 from .errors import HNetError
 
 FORMAT = "hnet-prompt-cache"
@@ -90,26 +90,13 @@ def write_prompt_cache(path: str | os.PathLike, tree: dict, arrays: dict[str, np
     except TypeError as e:
         raise HNetError(f"prompt cache metadata must be JSON-serialisable: {e}") from None
     header = {"format": FORMAT, "version": VERSION, "config": config, "tree": tree, "metadata": metadata or {}}
-    directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise HNetError(f"{path} is a directory; give a file name for the prompt cache (e.g. prompt.safetensors)")
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-        os.close(fd)
+        with io.atomic_file(path, what="the prompt cache") as tmp:
+            save_file(arrays, tmp, metadata={META_KEY: json.dumps(header)})
     except OSError as e:
         raise HNetError(f"cannot write the prompt cache to {path}: {e.strerror or e}") from None
-    try:
-        save_file(arrays, tmp, metadata={META_KEY: json.dumps(header)})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise HNetError(f"cannot write the prompt cache to {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_prompt_cache(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

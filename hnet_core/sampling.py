@@ -26,16 +26,17 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise HNetError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        # `not x >= 0` also catches NaN; infinity is refused too (temperature inf would be uniform noise).
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise HNetError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise HNetError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise HNetError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 0 <= self.min_p < 1:
             raise HNetError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise HNetError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise HNetError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
         if self.repetition_context < 0:
             raise HNetError(f"repetition_context must be >= 0, got {self.repetition_context}")
 

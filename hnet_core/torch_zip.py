@@ -102,11 +102,20 @@ def _rebuild_parameter(data: Tensor, requires_grad=False, hooks=None) -> Tensor:
     return data
 
 
+def _legacy_hint(path: str) -> str:
+    """What to do with a legacy (pre-zip) checkpoint; only torch reads that format."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "reading the legacy format needs PyTorch: pip install torch"
+    return (f"re-save it in the zip format once with torch: python -c \"import torch; "
+            f"torch.save(torch.load('{path}', weights_only=True), 'model.pt')\"")
+
+
 def read_state_dict(path: str) -> dict[str, Tensor]:
     """{name: Tensor} from a torch.save zip checkpoint (a state dict, or {"model": state dict})."""
     if not zipfile.is_zipfile(path):
-        raise HNetError(f"{path} is not a zip-format PyTorch checkpoint (torch >= 1.6); reading the legacy format "
-                        "needs PyTorch: pip install torch")
+        raise HNetError(f"{path} is not a zip-format PyTorch checkpoint (torch >= 1.6); {_legacy_hint(path)}")
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]

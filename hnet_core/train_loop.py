@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -103,9 +104,11 @@ def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict,
     io.check_output_path(out, "run directory")  # before any work: a file in the way, no permission
     cfg_path = os.path.join(out, ckpt.TRAIN_CONFIG_NAME)
     if resume is None:
+        ckpt.clean_run_directory(out)
         if ckpt.list_checkpoints(out):
             raise HNetError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
         return RunPlan(out, config)
+    ckpt.clean_run_directory(out)
     path = ckpt.resolve_resume(out, resume)
     saved = TrainConfig.from_json(cfg_path) if os.path.exists(cfg_path) else config
     saved_dict = saved.to_dict()
@@ -117,6 +120,10 @@ def plan_run(out: str, config: TrainConfig, resume: str | None, explicit: dict,
             raise HNetError(f"cannot resume with --{key.replace('_', '-')} {value}: the run was started with "
                             f"{saved_dict[key]}; drop the flag (only {', '.join(RESUMABLE_CHANGES)} may change)")
         changes[key] = value
+    if path is None:
+        print(f"no checkpoint in {out} yet (it was stopped before its first save): starting again from step 0",
+              file=sys.stderr, flush=True)
+        return RunPlan(out, saved.replace(**changes) if changes else saved)
     state = ckpt.read_state(path)
     return RunPlan(out, saved.replace(**changes) if changes else saved, int(state["step"]), path, state, restart_data)
 
@@ -193,9 +200,12 @@ def evaluate(backend: TrainerBackend, batches: list[Batch]) -> EvalResult | None
 
 
 class _StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop saves after the current step and exits.
+    """Ctrl-C / SIGTERM set a flag; the loop saves after the current step and exits. It stays in
+    force until the final checkpoint and model are written, so a signal during those writes only
+    lets them finish.
 
-    A second Ctrl-C interrupts at once (the last checkpoint stays intact)."""
+    A second Ctrl-C or SIGTERM interrupts at once; the write under way removes its temporary and
+    the last complete checkpoint stays intact."""
 
     def __init__(self):
         self.requested = False
@@ -210,7 +220,7 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -291,7 +301,7 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
         backend.load(plan.resume_from, plan.resume_state)
         if not plan.restart_data:
             sampler.load_state_dict(plan.resume_state["data"])
-        log.truncate_after(step)
+    log.truncate_after(step)  # records of a session cut off after its last checkpoint (or before its first)
     val_batches = eval_batches(val, cfg.seq_len, max(cfg.batch_size // backend.world, 1), cfg.eval_bytes, cfg.packing)
     last_saved = plan.resume_from
 
@@ -367,9 +377,9 @@ def run(backend: TrainerBackend, plan: RunPlan, sampler: BatchSampler, val, cons
                     why = "interrupted" if stop.requested else "stopped early"
                     display.note(f"{why}: saved {path} at step {step}; continue with --resume")
                     return path or ""
-        save(step)
-        final = os.path.join(out, ckpt.FINAL_MODEL)
-        written = backend.save_model(final if is_main else None)
+            save(step)
+            final = os.path.join(out, ckpt.FINAL_MODEL)
+            written = backend.save_model(final if is_main else None)
     finally:
         display.close()
     display.note(f"done: {step} steps; " + (written or f"final model in {final}"))

@@ -46,6 +46,13 @@ def resolve_model(path: str | None, bundled: str = BUNDLED_MODEL) -> str:
     raise HNetError(NO_MODEL)
 
 
+def _model_name(path: str | None) -> str:
+    """How a page names the model: its directory's name, or "bundled demo model"."""
+    if not path or os.path.abspath(path) == os.path.abspath(BUNDLED_MODEL):
+        return "bundled demo model"
+    return os.path.basename(os.path.normpath(path))
+
+
 def load_mlx(path: str, dtype: str | None = None):
     from hnet_core.backends import load_model
 
@@ -178,7 +185,7 @@ def chunks(model_path, text, file_path, max_bytes, html_path):
         previous = n
     console.print(table)
     if html_path:
-        atomic_write_text(html_path, render_html(seg, ratios, title=f"H-Net chunks ({os.path.basename(model_path or 'model')})"))
+        atomic_write_text(html_path, render_html(seg, ratios, title=f"H-Net chunks ({_model_name(model_path)})"))
         click.echo(f"wrote {html_path}", err=True)
 
 

@@ -156,3 +156,25 @@ class Model(HNetForCausalLM):
         if self.config.tie_embeddings:
             weights.pop("lm_head.weight", None)
         return weights
+
+
+def _register_model_type() -> None:
+    """mlx-lm loads the tokenizer through transformers' AutoTokenizer, which reads config.json and, not
+    knowing model type "hnet", warns "You are using a model of type `hnet` to instantiate a model of
+    type ``" on every command. Naming the type (a bare config class: transformers never builds a model
+    of ours) silences exactly that warning, in the processes that import this adapter."""
+    try:
+        from transformers import AutoConfig, PretrainedConfig
+    except ImportError:  # mlx-lm without transformers cannot load a tokenizer anyway
+        return
+
+    class HNetTokenizerConfig(PretrainedConfig):
+        model_type = "hnet"
+
+    try:
+        AutoConfig.register("hnet", HNetTokenizerConfig)
+    except ValueError:  # already registered (e.g. by a fuller config class): that one serves
+        pass
+
+
+_register_model_type()

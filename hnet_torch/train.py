@@ -32,6 +32,7 @@ from hnet_core import checkpoint as ckpt
 from hnet_core import train_loop
 from hnet_core.config import HNetConfig
 from hnet_core.data import Batch
+from hnet_core.backends import check_device
 from hnet_core.errors import HNetError
 from hnet_core.train_cli import config_from_options, train_options
 from hnet_core.train_config import TrainConfig
@@ -58,6 +59,8 @@ def init_distributed(device: str | None) -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif world == 1:  # under torchrun each process takes its own GPU (below), whatever the index given
+        check_device("torch", device)
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -78,10 +78,13 @@ class WebPage:
         self.driver.get(f"http://127.0.0.1:{self.server.server_port}/index.html")
         return self.wait(("ready", "error"), timeout)
 
-    def set_max_tokens(self, tokens: int) -> None:
-        box = self.element("max-tokens")
+    def set_field(self, element_id: str, value) -> None:
+        box = self.element(element_id)
         box.clear()
-        box.send_keys(str(tokens))
+        box.send_keys(str(value))
+
+    def set_max_tokens(self, tokens: int) -> None:
+        self.set_field("max-tokens", tokens)
 
     def generate(self, prompt: str, timeout: float, clear: bool = False) -> str:
         """Type `prompt` (an input event: the page generates once typing pauses); wait for "done" or "error"."""

@@ -49,9 +49,9 @@ def test_repetition_penalty_discourages_seen_bytes():
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ({"temperature": -1}, "temperature must be a finite number >= 0"), ({"top_p": 0}, "top_p must be in (0, 1]"),
     ({"top_k": -2}, "top_k must be a non-negative"), ({"min_p": 1.0}, "min_p must be in [0, 1)"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a finite number > 0"),
 ])
 def test_invalid_sampling_parameters_are_rejected(kw, message):
     with pytest.raises(HNetError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

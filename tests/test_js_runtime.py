@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.parse
 
 import numpy as np
 import onnx
@@ -184,13 +185,37 @@ def test_web_page_generates_the_same_text_in_chromium(official_onnx_export, tmp_
     assert node_generate(official_onnx_export, prompt, "--temperature", "0", "-m", str(tokens)).stdout == expected
 
     with browser.WebPage(site, tempfile.mkdtemp(dir=tmp_path), window="1100,700") as page:
-        assert page.load(240) == "ready", page.element("status").text
-        page.set_max_tokens(tokens)
-        assert page.generate(prompt, 240) == "done", page.element("status").text
+        driver = page.driver
+        url = f"http://127.0.0.1:{page.server.server_port}/index.html"
+
+        def finished(state_wanted: str):
+            state = page.wait((state_wanted, "error"), 240)
+            assert state == state_wanted, page.element("status").text
+            return page.element("status")
+
+        # The address fills the fields and starts the generation (greedy here, to compare with Python).
+        driver.get(f"{url}?{urllib.parse.urlencode({'prompt': prompt, 'bytes': tokens, 'temperature': 0})}&autorun=1")
+        status = finished("done")
+        assert page.element("prompt").get_attribute("value") == prompt
+        assert page.element("top-p").get_attribute("value") == "0.95"  # the sampling default
         text = page.element("output").get_attribute("data-text")
-        page.driver.save_screenshot(str(tmp_path / "web_page.png"))
-        spans = [s.text for s in page.driver.find_elements(By.CSS_SELECTOR, "#output span")]
-        assert "bytes/s" in page.element("status").text
+        driver.save_screenshot(str(tmp_path / "web_page.png"))
+        spans = [s.text for s in driver.find_elements(By.CSS_SELECTOR, "#output span")]
+        assert "bytes/s" in status.text
+        # A refused field replaces the previous answer with the error, in the output area itself.
+        page.set_max_tokens(-5)
+        page.element("generate").click()
+        finished("error")
+        output = page.element("output")
+        assert output.text == "Error: bytes must be a whole number from 1 to 400, got -5"
+        assert output.get_attribute("data-text") == "" and not driver.find_elements(By.CSS_SELECTOR, "#output span")
+        driver.get(f"{url}?prompt=Hi&temperature=inf&autorun=1")
+        finished("error")
+        assert page.element("output").text == (
+            "Error: temperature must be a finite number >= 0 (0 = greedy), got inf")
+        driver.get(f"{url}?prompt=Hi&bytes=401&autorun=1")
+        finished("error")
+        assert "bytes must be a whole number from 1 to 400, got 401" in page.element("output").text
     assert (text + "\n").encode() == expected
     assert len(spans) > 3  # coloured by stage-0 chunks
     assert "".join(spans).endswith(text.strip())

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import { parseArgs } from 'node:util';
 
 import { HNetError, generate, loadModel } from './node.mjs';
+import { parseNumber, samplingParams } from './sampling.mjs';
 
 const HELP = `Usage: node cli.mjs --model DIR --prompt TEXT [options]
 
@@ -31,8 +32,9 @@ Options:
   -h, --help                 Show this message and exit.`;
 
 function number(name, value, integer = false) {
-  const n = Number(value);
   if (value === undefined) return undefined;
+  if (!integer && /^[+-]?nan$/i.test(value.trim())) return NaN;  // as Python's float('nan'): the range check judges it
+  const n = integer ? Number(value) : parseNumber(value);  // floats: Python's spellings of inf too
   if (value.trim() === '' || Number.isNaN(n) || (integer && !Number.isInteger(n))) {
     throw new HNetError(`Invalid value for '--${name}': '${value}' is not a valid ${integer ? 'integer' : 'float'}.`);
   }
@@ -49,11 +51,27 @@ function format(x) {
   return Number.isNaN(x) ? 'nan' : x.toFixed(1);
 }
 
+/** `--max-tokens -5` as `--max-tokens=-5`: parseArgs takes a value starting with a dash for a
+ * forgotten argument ("ambiguous"), but a negative number is a value, which the range checks judge. */
+function joinNegativeNumbers(argv) {
+  const out = [];
+  for (let i = 0; i < argv.length; i += 1) {
+    const next = argv[i + 1];
+    if (/^-/.test(argv[i]) && !argv[i].includes('=') && next !== undefined && /^-(\d|\.\d|inf|nan)/i.test(next)) {
+      out.push(argv[i].startsWith('--') ? `${argv[i]}=${next}` : `${argv[i]}${next}`);  // -m-5 is -m with -5
+      i += 1;
+    } else {
+      out.push(argv[i]);
+    }
+  }
+  return out;
+}
+
 async function main(argv) {
   let values;
   try {
     ({ values } = parseArgs({
-      args: argv,
+      args: joinNegativeNumbers(argv),
       options: {
         model: { type: 'string' },
         prompt: { type: 'string', short: 'p', multiple: true },
@@ -102,6 +120,7 @@ async function main(argv) {
     seed: values.seed === undefined ? null : seed(values.seed),
     stop: values.stop ?? [],
   };
+  samplingParams(options);  // a bad value is one line before the model loads, as in the Python CLI
   const model = await loadModel(values.model, {
     stepVariant: values['step-variant'] ?? 'auto',
     threads: number('threads', values.threads, true) ?? 0,

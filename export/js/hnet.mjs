@@ -4,7 +4,7 @@
 
 export { HNetError } from './errors.mjs';
 export { OnnxHNet, FORMAT_VERSION, STEP_VARIANTS, tensorToFloat32 } from './runtime.mjs';
-export { Sampler, samplingParams, pairwiseSum, DEFAULT_SAMPLING } from './sampling.mjs';
+export { Sampler, samplingParams, parseNumber, pairwiseSum, DEFAULT_SAMPLING } from './sampling.mjs';
 export { TextStream, encode, BOS_ID, EOS_ID } from './streaming.mjs';
 export { streamGenerate, generate, promptBatch, GenerationStats } from './generate.mjs';
 export { PCG64 } from './rng.mjs';

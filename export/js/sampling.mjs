@@ -17,14 +17,32 @@ export const DEFAULT_SAMPLING = Object.freeze({
   seed: null,
 });
 
-/** Fill defaults and check ranges exactly as SamplingParams.__post_init__ does. */
+// Python's float() spellings of the non-finite values, so `--temperature inf` (or `?temperature=inf`)
+// reaches the range checks below and gets the message Python gives.
+const NON_FINITE = { inf: Infinity, '+inf': Infinity, '-inf': -Infinity, infinity: Infinity, '+infinity': Infinity,
+  '-infinity': -Infinity, nan: NaN, '+nan': NaN, '-nan': NaN };
+
+/** A number typed by a user, read as Python's float() reads it; NaN for anything else (or nothing). */
+export function parseNumber(text) {
+  const word = String(text).trim().toLowerCase();
+  if (word in NON_FINITE) return NON_FINITE[word];
+  return word === '' ? NaN : Number(word);
+}
+
+/** A number as Python prints it in the messages below (inf, -inf, nan), so both runtimes say the same. */
+function shown(x) {
+  if (typeof x !== 'number' || Number.isFinite(x)) return `${x}`;
+  return Number.isNaN(x) ? 'nan' : (x > 0 ? 'inf' : '-inf');
+}
+
+/** Fill defaults and check ranges exactly as SamplingParams.__post_init__ does (same messages). */
 export function samplingParams(options = {}) {
   const p = { ...DEFAULT_SAMPLING, ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) };
-  if (!(p.temperature >= 0)) throw new HNetError(`temperature must be >= 0 (0 = greedy), got ${p.temperature}`);
+  if (!(p.temperature >= 0 && Number.isFinite(p.temperature))) throw new HNetError(`temperature must be a finite number >= 0 (0 = greedy), got ${shown(p.temperature)}`);
   if (!(Number.isInteger(p.topK) && p.topK >= 0)) throw new HNetError(`top_k must be a non-negative integer (0 = off), got ${p.topK}`);
-  if (!(p.topP > 0 && p.topP <= 1)) throw new HNetError(`top_p must be in (0, 1] (1 = off), got ${p.topP}`);
-  if (!(p.minP >= 0 && p.minP < 1)) throw new HNetError(`min_p must be in [0, 1) (0 = off), got ${p.minP}`);
-  if (!(p.repetitionPenalty > 0)) throw new HNetError(`repetition_penalty must be > 0 (1 = off), got ${p.repetitionPenalty}`);
+  if (!(p.topP > 0 && p.topP <= 1)) throw new HNetError(`top_p must be in (0, 1] (1 = off), got ${shown(p.topP)}`);
+  if (!(p.minP >= 0 && p.minP < 1)) throw new HNetError(`min_p must be in [0, 1) (0 = off), got ${shown(p.minP)}`);
+  if (!(p.repetitionPenalty > 0 && Number.isFinite(p.repetitionPenalty))) throw new HNetError(`repetition_penalty must be a finite number > 0 (1 = off), got ${shown(p.repetitionPenalty)}`);
   if (!(p.repetitionContext >= 0)) throw new HNetError(`repetition_context must be >= 0, got ${p.repetitionContext}`);
   if (p.seed !== null && !(Number.isInteger(p.seed) || typeof p.seed === 'bigint')) throw new HNetError(`seed must be an integer, got ${p.seed}`);  // BigInt for seeds beyond 2**53
   if (p.seed !== null && BigInt(p.seed) < 0n) throw new HNetError(`seed must be non-negative, got ${p.seed}`);

@@ -2,9 +2,14 @@
 // prompt is typed, colour the text by stage-0 chunks (as `hnet-mlx chunks --html`) and show bytes/s.
 // #status carries data-state (loading | ready | typing | running | done | error); #output carries data-text,
 // the generated text exactly as `hnet generate` would print it (the browser test reads both).
+// The URL can fill the fields and start it, so a demo can be linked and screenshotted:
+//   index.html?prompt=Once%20upon&bytes=120&temperature=0.8&top_p=0.95&seed=7&autorun=1
 
 import * as ort from './ort/ort.wasm.min.mjs';
-import { HNetError, loadModelFromUrl, segment, streamGenerate } from './hnet/web.mjs';
+import { HNetError, loadModelFromUrl, parseNumber, samplingParams, segment, streamGenerate } from './hnet/web.mjs';
+
+// URL parameter -> field it fills.
+const URL_FIELDS = { prompt: 'prompt', bytes: 'max-tokens', temperature: 'temperature', top_p: 'top-p', seed: 'seed' };
 
 const PALETTE = ['#cfe8ff', '#ffe3c2', '#d7f5d0', '#f6d0f0', '#fff6b3', '#d9d4ff']; // hnet_core.chunks.PALETTE
 const $ = (id) => document.getElementById(id);
@@ -14,6 +19,39 @@ const output = $('output');
 function setStatus(state, text) {
   status.dataset.state = state;
   status.textContent = text;
+}
+
+/** Clear the output and show the error in its place (never next to an earlier answer). */
+function showError(message) {
+  output.replaceChildren();
+  output.textContent = `Error: ${message}`;
+  output.dataset.text = '';
+  output.classList.add('error');
+  setStatus('error', message);
+}
+
+/** A field's number (Python's spellings of inf and nan included); an empty or non-numeric field is
+ * NaN, which the range checks then refuse. */
+function fieldNumber(id) {
+  return parseNumber($(id).value);
+}
+
+/** The options of the fields, checked like every runtime checks them (an HNetError otherwise). */
+function readOptions() {
+  const limit = Number($('max-tokens').dataset.max);
+  const maxTokens = fieldNumber('max-tokens');
+  if (!(Number.isInteger(maxTokens) && maxTokens >= 1 && maxTokens <= limit)) {
+    throw new HNetError(`bytes must be a whole number from 1 to ${limit}, got ${$('max-tokens').value.trim() || 'nothing'}`);
+  }
+  const seed = $('seed').value.trim();
+  const options = {
+    maxTokens,
+    temperature: fieldNumber('temperature'),
+    topP: fieldNumber('top-p'),
+    seed: seed === '' ? null : Number(seed),
+  };
+  samplingParams(options);
+  return options;
 }
 
 function render(bytes, boundaries, promptLength) {
@@ -61,12 +99,14 @@ async function generateOnce(token) {
     setStatus('ready', 'Type a prompt.');
     return;
   }
-  const options = {
-    maxTokens: Math.max(1, parseInt($('max-tokens').value, 10) || 1),
-    temperature: Number($('temperature').value),
-    topP: Number($('top-p').value),
-    seed: $('seed').value === '' ? null : parseInt($('seed').value, 10),
-  };
+  let options;
+  try {
+    options = readOptions();
+  } catch (e) {
+    showError(e instanceof HNetError ? e.message : String(e));
+    return;
+  }
+  output.classList.remove('error');
   const promptBytes = new TextEncoder().encode(prompt);
   const bytes = [...promptBytes];
   const boundaries = [];
@@ -98,7 +138,7 @@ async function generateOnce(token) {
       status.textContent = `Generating... ${n + 1} bytes`;
     }
   } catch (e) {
-    setStatus('error', e instanceof HNetError ? e.message : String(e));
+    showError(e instanceof HNetError ? e.message : String(e));
     return;
   }
   render(Uint8Array.from(bytes), boundaries, promptBytes.length);
@@ -119,9 +159,11 @@ async function main() {
     model = await loadModelFromUrl(new URL('./model/', location.href).href, ort);
     await model.session(model.stepGraph(1)); // the decode graph too, so the first keystroke does not wait
   } catch (e) {
-    setStatus('error', `Could not load the model: ${e.message}`);
+    showError(`Could not load the model: ${e.message}`);
     return;
   }
+  // The longest generation this export allows (the prompt shares max_seqlen; generate says so if it does not fit).
+  $('max-tokens').dataset.max = String(model.maxSeqlen);
   const seconds = (performance.now() - t0) / 1000;
   status.dataset.loadSeconds = String(seconds);
   setStatus('ready', `Model loaded in ${seconds.toFixed(1)} s. Type a prompt.`);
@@ -136,6 +178,11 @@ async function main() {
   });
   $('generate').addEventListener('click', run);
   prompt.focus();
+  const params = new URLSearchParams(location.search);
+  for (const [name, id] of Object.entries(URL_FIELDS)) {
+    if (params.has(name)) $(id).value = params.get(name);
+  }
+  if (params.get('autorun') === '1') run();
 }
 
 main();
