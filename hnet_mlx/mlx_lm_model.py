@@ -161,20 +161,13 @@ class Model(HNetForCausalLM):
 def _register_model_type() -> None:
     """mlx-lm loads the tokenizer through transformers' AutoTokenizer, which reads config.json and, not
     knowing model type "hnet", warns "You are using a model of type `hnet` to instantiate a model of
-    type ``" on every command. Naming the type (a bare config class: transformers never builds a model
-    of ours) silences exactly that warning, in the processes that import this adapter."""
+    type ``" on every command. Registering our config class silences exactly that warning, in the
+    processes that import this adapter."""
     try:
-        from transformers import AutoConfig, PretrainedConfig
+        from hnet_core.hf_config import register
     except ImportError:  # mlx-lm without transformers cannot load a tokenizer anyway
         return
-
-    class HNetTokenizerConfig(PretrainedConfig):
-        model_type = "hnet"
-
-    try:
-        AutoConfig.register("hnet", HNetTokenizerConfig)
-    except ValueError:  # already registered (e.g. by a fuller config class): that one serves
-        pass
+    register()
 
 
 _register_model_type()
