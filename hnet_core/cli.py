@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "eval": ("hnet_core.evaluate", "eval_command", "torch"),
     "plot": ("hnet_core.plot", "plot_command", "train"),
     "data": ("hnet_core.data", "data_command", ""),
+    "serve": ("hnet_core.serve.cli", "serve_command", "serve"),
 }
 
 
