@@ -3,16 +3,17 @@
     hnet serve --backend torch --model hnet_core/demo_model --port 8000
     curl http://127.0.0.1:8000/v1/completions -d '{"prompt": "Once upon", "max_tokens": 32, "temperature": 0}'
 
-uvicorn runs the app; on SIGTERM or SIGINT it stops listening, lets running responses finish for
---shutdown-grace seconds, cancels the rest, and the process exits 0.
+uvicorn runs the app in a thread; the scheduler runs the model in the main thread. On SIGTERM or
+SIGINT the server stops listening, lets running responses finish for --shutdown-grace seconds,
+cancels the rest, and the process exits 0.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
+import threading
 
 import click
 
@@ -24,50 +25,53 @@ from .scheduler import Scheduler
 
 
 def make_backend(backend: str, path: str, config: str | None, dtype: str | None, device: str | None):
-    """A factory of the backend's serving adapter (called in the scheduler thread)."""
+    """The backend's serving adapter (hnet_torch/serving.py, hnet_mlx/serving.py, export/serving.py)."""
+    if backend == "onnx":
+        if config is not None or dtype is not None:
+            raise HNetError("the onnx backend reads its settings from the exported directory; "
+                            "--config/--dtype apply at export time")
+        from hnet_export.serving import ServeBackend
 
-    def make():
-        if backend == "onnx":
-            if config is not None or dtype is not None:
-                raise HNetError("the onnx backend reads its settings from the exported directory; "
-                                "--config/--dtype apply at export time")
-            from hnet_export.serving import ServeBackend
+        return ServeBackend(path, provider=device or "auto")
+    loaded = load_model(backend, path, config=config, dtype=dtype, device=device)
+    if backend == "torch":
+        from hnet_torch.serving import ServeBackend as TorchServe
 
-            return ServeBackend(path, provider=device or "auto")
-        loaded = load_model(backend, path, config=config, dtype=dtype, device=device)
-        if backend == "torch":
-            from hnet_torch.serving import ServeBackend as TorchServe
+        return TorchServe(loaded.model)
+    from hnet_mlx.serving import ServeBackend as MLXServe
 
-            return TorchServe(loaded.model)
-        from hnet_mlx.serving import ServeBackend as MLXServe
-
-        return MLXServe(loaded.model)
-
-    return make
+    return MLXServe(loaded.model)
 
 
-def run_server(app, host: str, port: int, grace: float, on_signal, log_level: str = "warning") -> None:
+def run_server(app, scheduler: Scheduler, host: str, port: int, grace: float, log_level: str = "warning") -> None:
+    """uvicorn in a thread, the scheduler loop in this (the main) thread, until SIGTERM/SIGINT.
+
+    uvicorn installs signal handlers only in the main thread, and after its graceful shutdown it
+    re-raises the signal (the process would end as killed by it); here the main thread's own
+    handlers ask uvicorn to shut down, and a server that stopped cleanly exits 0."""
     import uvicorn
-
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            # uvicorn re-raises the signal after its graceful shutdown, so the process would end as
-            # killed by it; a server that was asked to stop and stopped cleanly exits 0 instead.
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        def handle_exit(self, sig, frame) -> None:
-            on_signal()
-            super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=grace, access_log=False)
-    Server(config).run()
+    server = uvicorn.Server(config)
+
+    def on_signal(sig, frame) -> None:
+        scheduler.stop_accepting()
+        if server.should_exit:  # a second signal: stop now
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    http = threading.Thread(target=server.run, name="hnet-serve-http", daemon=True)
+    http.start()
+    try:
+        scheduler.run(keep_going=http.is_alive)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    http.join()
+    if not server.started:
+        raise HNetError(f"could not serve on {host}:{port} (is the port in use?)")
 
 
 @click.command("serve")
@@ -116,7 +120,6 @@ def serve_command(backend, model_path, config, dtype, device, host, port, model_
     name = model_name or os.path.basename(os.path.normpath(model_path))
     scheduler = Scheduler(make_backend(backend, model_path, config, dtype, device), max_batch=max_batch,
                           max_queue=max_queue, prefill_step_size=prefill_step_size)
-    scheduler.start()
     max_seqlen = getattr(scheduler.backend, "max_seqlen", None)
     if max_seqlen is not None:  # an ONNX export holds at most max_seqlen bytes per sample (BOS included)
         max_tokens_limit = min(max_tokens_limit, max_seqlen - 2)
@@ -126,4 +129,4 @@ def serve_command(backend, model_path, config, dtype, device, host, port, model_
         limits.max_total = max_seqlen - 1
     app = create_app(scheduler, name, limits, api_key=api_key)
     print(f"hnet serve: {backend} backend, model {name!r}, listening on http://{host}:{port}", file=sys.stderr, flush=True)
-    run_server(app, host, port, shutdown_grace, scheduler.stop_accepting, log_level)
+    run_server(app, scheduler, host, port, shutdown_grace, log_level)

@@ -12,10 +12,11 @@ greedy request gets the bytes it would get alone.
 
 The backend is any object with prefill(cache, piece) -> (cache, logits (V,)), merge(caches),
 filter(cache, rows) and step(cache, next_bytes (B,)) -> (cache, logits (B, V)) (hnet_torch/serving.py,
-hnet_mlx/serving.py, export/serving.py); it is built inside the scheduler thread, since MLX arrays
-belong to the thread that made them. Results go to each request's `emit` callback (from the
-scheduler thread): ("text", str) pieces, then ("done", finish_reason, prompt_bytes, generated_bytes)
-or ("error", http_status, message).
+hnet_mlx/serving.py, export/serving.py). `hnet serve` builds it and runs the loop (`run`) in the
+main thread, with the HTTP server in another: MLX aborts the process at exit when a thread other
+than the main one ran a model. `start` runs the loop in a thread of its own instead. Results go to
+each request's `emit` callback (from the loop's thread): ("text", str) pieces, then
+("done", finish_reason, prompt_bytes, generated_bytes) or ("error", http_status, message).
 """
 
 from __future__ import annotations
@@ -88,9 +89,8 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, make_backend: Callable[[], Any], max_batch: int = 8, max_queue: int = 64,
-                 prefill_step_size: int = 2048):
-        self.make_backend = make_backend
+    def __init__(self, backend: Any, max_batch: int = 8, max_queue: int = 64, prefill_step_size: int = 2048):
+        self.backend = backend
         self.max_batch, self.max_queue, self.prefill_step_size = max_batch, max_queue, prefill_step_size
         self.waiting: deque[Job] = deque()
         self.prefilling: list[Job] = []  # admitted, prompt not fully read; the first one is read now
@@ -101,18 +101,14 @@ class Scheduler:
         self.max_rows_seen = 0
         self._wake = threading.Condition()
         self._stop = False
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="hnet-serve-scheduler", daemon=True)
+        self._thread: threading.Thread | None = None
 
     # -- called from the server's threads ---------------------------------------------------------
 
-    def start(self, timeout: float = 600) -> None:
-        """Start the thread and wait until the backend is built (its error, if any, is raised here)."""
+    def start(self) -> None:
+        """Run the loop in a thread of its own (until `close`)."""
+        self._thread = threading.Thread(target=self.run, name="hnet-serve-scheduler", daemon=True)
         self._thread.start()
-        self._ready.wait(timeout)
-        if self._error is not None:
-            raise self._error
 
     def submit(self, request: GenerationRequest, emit: Callable[[Event], None]) -> Job:
         with self._wake:
@@ -148,21 +144,16 @@ class Scheduler:
                 job.emit(("error", 503, "the server is shutting down"))
             self._stop = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     # -- the scheduler thread ---------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            self.backend = self.make_backend()
-        except BaseException as e:  # reported by start()
-            self._error = e
-            self._ready.set()
-            return
-        self._ready.set()
+    def run(self, keep_going: Callable[[], bool] = lambda: True) -> None:
+        """The loop: until `close`, or until keep_going() is False while there is nothing to do."""
         while True:
             with self._wake:
-                if self._stop:
+                if self._stop or not (keep_going() or self.rows or self.prefilling or self.waiting):
                     return
                 self._admit()
                 if not (self.prefilling or self.rows):
