@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Generator, Protocol, Sequence
+from typing import Any, Generator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class StepResult:
     boundaries: np.ndarray  # (S, B) int64: of those, the ones routing chose as chunk starts
 
 
+@runtime_checkable
 class Adapter(Protocol):
     """What a backend implements so the engine can run its model. `cache` is the backend's own
     object (torch/MLX: an InferenceCache; ONNX: a handle on the runtime's live state); the engine
@@ -179,7 +180,8 @@ def stream_generate(adapter: Adapter, prompts: str | bytes | Sequence[str | byte
     sampler = Sampler(sampling)
     stats = GenerationStats(prompt_bytes=int(mask.sum()))
     streams = [TextStream(stop) for _ in range(B)]
-    history = [list(context[b] if context is not None else []) + ids[b, : int(mask[b].sum())].tolist() for b in range(B)]
+    history = [list(context[b] if context is not None else []) + ids[b, : int(mask[b].sum())].tolist()
+               for b in range(B)]
     adapter.reset_peak_memory()
     if max_tokens == 0:
         stats.peak_memory = adapter.peak_memory()

@@ -1,13 +1,5 @@
-"""hnet_core.engine's Adapter for MLX: generation, prompt caches and statistics run in the engine.
-
-    from hnet_mlx import load, generate
-    model, config = load("model_dir/")
-    print(generate(model, "Hello", max_tokens=64, temperature=0.8, seed=0))
-
-`generate` / `stream_generate` take hnet_core.engine's arguments (prefill_step_size, prompt_cache,
-stop, sampling, ...). The sampler is the engine's (numpy): torch and MLX draw the same bytes from
-the same logits and seed.
-"""
+"""MLX's hnet_core.engine.Adapter; the engine generates (`generate(model, "Hello", temperature=0.8)`),
+reads prompts in pieces, samples (numpy: torch and MLX draw the same bytes), streams and counts."""
 
 from __future__ import annotations
 
@@ -22,8 +14,7 @@ from .lm import HNetForCausalLM
 from .prompt_cache import export_cache, import_cache
 
 
-def _result(logits: mx.array, routing) -> StepResult:
-    """logits (B, V) and the per-sample routing counts (S, B), on the host (one sync)."""
+def _result(logits: mx.array, routing) -> StepResult:  # on the host (one sync): logits (B, V), counts (S, B)
     B = logits.shape[0]
     valid = mx.stack([(r.valid if r.valid is not None else mx.ones_like(r.boundary_mask)).reshape(B, -1).sum(1)
                       for r in routing])
@@ -51,11 +42,10 @@ class Adapter:
         out = self.model.step(mx.array(next_bytes.astype(np.int32)), cache)
         return _result(out.logits[:, -1], out.routing)
 
-    def export_cache(self, cache: InferenceCache) -> tuple[dict, dict[str, np.ndarray]]:
-        return export_cache(cache)
+    export_cache = staticmethod(export_cache)
 
     def import_cache(self, tree: dict, arrays: dict[str, np.ndarray]) -> InferenceCache:
-        return import_cache(tree, arrays, self.model.config_dict)
+        return import_cache(tree, arrays, self.config)
 
     def reset_peak_memory(self) -> None:
         mx.reset_peak_memory()
@@ -65,11 +55,9 @@ class Adapter:
         return (allocated, "peak memory allocated by MLX during generation") if allocated else rss_peak()
 
 
-def stream_generate(model: HNetForCausalLM, prompts, **kwargs):
-    """hnet_core.engine.stream_generate on `model` (same arguments after the prompts)."""
+def stream_generate(model: HNetForCausalLM, prompts, **kwargs):  # engine.stream_generate's arguments
     return engine.stream_generate(Adapter(model), prompts, **kwargs)
 
 
-def generate(model: HNetForCausalLM, prompt, **kwargs) -> str | list[str]:
-    """hnet_core.engine.generate on `model`: the continuation (one string per prompt for a list)."""
+def generate(model: HNetForCausalLM, prompt, **kwargs) -> str | list[str]:  # engine.generate's arguments
     return engine.generate(Adapter(model), prompt, **kwargs)

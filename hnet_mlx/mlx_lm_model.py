@@ -21,6 +21,9 @@ What mlx-lm asks of a model, and how H-Net answers:
   It has no `merge`, so `mlx_lm.server` serves requests one at a time on its sequential path
   (BatchGenerator needs left-padded batched caches it can merge, filter and extend, which our
   per-sample cache does not offer; concurrent requests queue).
+- Why not hnet_core.engine's Adapter (hnet_mlx/generate.py): mlx-lm samples from lazy MLX logits
+  and overlaps that with the next step (mx.async_eval); the adapter returns numpy logits of one
+  position, a host sync per byte. Both run the same model calls (`__call__` on a cache, `step`).
 - `layers`: every block (Mamba2 / attention + MLP) of every stack, outermost encoder first, so
   mlx-lm's LoRA utilities find the Linear layers; `sanitize`: official/torch conv layout -> MLX.
 """
