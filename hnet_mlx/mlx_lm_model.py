@@ -26,6 +26,9 @@ What mlx-lm asks of a model, and how H-Net answers:
   `prepare(lengths=..., right_padding=...)`: every call until `finalize()` masks each row beyond its
   remaining length, so padding never reaches a row's state. Rows are per sample throughout
   (hnet_mlx/batch_cache.py), so each request gets what it gets alone.
+- Why not hnet_core.engine's Adapter (hnet_mlx/generate.py): mlx-lm samples from lazy MLX logits
+  and overlaps that with the next step (mx.async_eval); the adapter returns numpy logits of one
+  position, a host sync per byte. Both run the same model calls (`__call__` on a cache, `step`).
 - `layers`: every block (Mamba2 / attention + MLP) of every stack, outermost encoder first, so
   mlx-lm's LoRA utilities find the Linear layers; `sanitize`: official/torch conv layout -> MLX.
 """

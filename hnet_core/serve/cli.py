@@ -10,6 +10,7 @@ cancels the rest, and the process exits 0.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
@@ -19,13 +20,15 @@ import click
 
 from ..backends import BACKENDS, DEMO_MODEL, load_model
 from ..errors import HNetError
-from ..streaming import DEFAULT_PREFILL_STEP
+from ..engine import DEFAULT_PREFILL_STEP, check_prefill_step
+from .batching import EngineBackend
 from .protocol import Limits
 from .scheduler import Scheduler
 
 
 def make_backend(backend: str, path: str, config: str | None, dtype: str | None, device: str | None):
-    """The backend's serving adapter (hnet_torch/serving.py, hnet_mlx/serving.py, export/serving.py)."""
+    """The scheduler's backend: the engine's Adapter with the batch cache operations (torch, MLX), or
+    export/serving.py (ONNX)."""
     if backend == "onnx":
         if config is not None or dtype is not None:
             raise HNetError("the onnx backend reads its settings from the exported directory; "
@@ -34,13 +37,7 @@ def make_backend(backend: str, path: str, config: str | None, dtype: str | None,
 
         return ServeBackend(path, provider=device or "auto")
     loaded = load_model(backend, path, config=config, dtype=dtype, device=device)
-    if backend == "torch":
-        from hnet_torch.serving import ServeBackend as TorchServe
-
-        return TorchServe(loaded.model)
-    from hnet_mlx.serving import ServeBackend as MLXServe
-
-    return MLXServe(loaded.model)
+    return EngineBackend(loaded.adapter, importlib.import_module(f"hnet_{backend}.batch_cache"))
 
 
 def run_server(app, scheduler: Scheduler, host: str, port: int, grace: float, log_level: str = "warning") -> None:
@@ -109,8 +106,7 @@ def serve_command(backend, model_path, config, dtype, device, host, port, model_
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from .app import create_app
 
-    if prefill_step_size <= 0:
-        raise HNetError(f"--prefill-step-size must be a positive number of bytes, got {prefill_step_size}")
+    prefill_step_size = check_prefill_step(prefill_step_size)
     if model_path is None:
         if backend == "onnx":
             raise HNetError("the onnx backend needs --model: a directory written by `hnet export onnx`")
