@@ -175,6 +175,8 @@ def sequential_torch(texts: list[str], args) -> dict:
     results = []
     t_all = time.perf_counter()
     for prompt in texts[: args.requests]:
+        if time.perf_counter() - t_all > args.round_limit:
+            break
         t0 = time.perf_counter()
         first, n = None, 0
         for step in stream_generate(model, prompt, max_tokens=args.max_tokens, sampling=SamplingParams(temperature=0)):
