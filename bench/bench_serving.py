@@ -87,7 +87,7 @@ def server_command(backend: str, port: int, args) -> tuple[list[str], dict]:
                 "--port", str(port), "--log-level", "WARNING"], env
     model = args.onnx_dir if backend == "onnx" else args.model
     return [sys.executable, "-m", "hnet_core.cli", "serve", "--backend", backend, "--model", model, "--port", str(port),
-            "--max-batch", str(args.max_batch), "--model-name", "bench"], env
+            "--max-batch", str(args.max_batch), "--model-name", "bench", "--threads", str(args.threads)], env
 
 
 def one_request(port: int, prompt: str, max_tokens: int, model: str, deadline: float) -> dict | None:
@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--round-limit", type=float, default=120.0, help="seconds per round")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per operation in the servers and `sequential`")
     p.add_argument("--out", default=None, help="append the rows to this JSON-lines file")
     args = p.parse_args()
     texts = prompts(args.requests, args.min_prompt, args.max_prompt)

@@ -26,17 +26,20 @@ from .protocol import Limits
 from .scheduler import Scheduler
 
 
-def make_backend(backend: str, path: str, config: str | None, dtype: str | None, device: str | None):
+def make_backend(backend: str, path: str, config: str | None, dtype: str | None, device: str | None,
+                 threads: int | None = None):
     """The scheduler's backend: the engine's Adapter with the batch cache operations (torch, MLX), or
-    export/serving.py (ONNX)."""
+    export/serving.py (ONNX). threads: CPU threads per operation (torch, onnxruntime)."""
     if backend == "onnx":
         if config is not None or dtype is not None:
             raise HNetError("the onnx backend reads its settings from the exported directory; "
                             "--config/--dtype apply at export time")
         from hnet_export.serving import ServeBackend
 
-        return ServeBackend(path, provider=device or "auto")
+        return ServeBackend(path, provider=device or "auto", threads=threads)
     loaded = load_model(backend, path, config=config, dtype=dtype, device=device)
+    if threads and backend == "torch":
+        importlib.import_module("torch").set_num_threads(threads)
     return EngineBackend(loaded.adapter, importlib.import_module(f"hnet_{backend}.batch_cache"))
 
 
@@ -98,11 +101,14 @@ def run_server(app, scheduler: Scheduler, host: str, port: int, grace: float, lo
               help="Refuse requests without 'Authorization: Bearer KEY' (401). Also read from $HNET_API_KEY.")
 @click.option("--shutdown-grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds running requests get to finish after SIGTERM/SIGINT.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="CPU threads per operation (torch, onnxruntime; default: theirs). On a busy machine, 1 avoids "
+                   "threads spinning against each other.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="warning",
               show_default=True)
 def serve_command(backend, model_path, config, dtype, device, host, port, model_name, max_batch, max_queue,
                   prefill_step_size, max_tokens_limit, max_prompt_bytes, request_timeout, api_key, shutdown_grace,
-                  log_level):
+                  threads, log_level):
     """Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests."""
     from .app import create_app
 
@@ -114,7 +120,7 @@ def serve_command(backend, model_path, config, dtype, device, host, port, model_
     if not os.path.exists(model_path):
         raise HNetError(f"model not found: {model_path}")
     name = model_name or os.path.basename(os.path.normpath(model_path))
-    scheduler = Scheduler(make_backend(backend, model_path, config, dtype, device), max_batch=max_batch,
+    scheduler = Scheduler(make_backend(backend, model_path, config, dtype, device, threads), max_batch=max_batch,
                           max_queue=max_queue, prefill_step_size=prefill_step_size)
     max_seqlen = getattr(scheduler.backend, "max_seqlen", None)
     if max_seqlen is not None:  # an ONNX export holds at most max_seqlen bytes per sample (BOS included)
