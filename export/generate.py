@@ -1,12 +1,7 @@
-"""hnet_core.engine's Adapter for an exported model (numpy + onnxruntime): the engine cuts prompts
-into pieces (OnnxHNet.prefill, then extend), samples, streams and counts; this file only translates.
-
-    for step in stream_generate(OnnxHNet("onnx_dir"), ["Hello"], max_tokens=64, prefill_step_size=512):
-        print(step.texts[0], end="")
-
-An OnnxHNet keeps one live state inside itself, so its adapter's cache is a handle on that state:
-only the newest cache of a model can be extended. Prompt + generation must fit the export's max_seqlen.
-"""
+"""The ONNX runtime's hnet_core.engine.Adapter; the engine reads prompts in pieces (OnnxHNet.prefill, then
+extend), samples, streams and counts: `stream_generate(OnnxHNet(dir), ["Hello"], prefill_step_size=512)`.
+An OnnxHNet keeps one live state inside itself, so the cache is a handle on it: only a model's newest
+cache can be extended. Prompt + generation must fit the export's max_seqlen; no prompt caches."""
 
 from __future__ import annotations
 
@@ -21,18 +16,14 @@ from hnet_core.errors import HNetError
 from .runtime import OnnxHNet
 
 
-NO_PROMPT_CACHES = "prompt caches work with the torch and mlx backends, not onnx"
-
-
 @dataclass
 class LiveState:
-    batch_size: int
     capacity: int  # decode slots to reserve in the global attention caches
     started: bool = False  # prefill has run: later pieces extend
 
 
-def _result(out, at: np.ndarray | None = None) -> StepResult:
-    logits = out.logits[:, -1] if at is None else out.logits[np.arange(out.logits.shape[0]), at]
+def _result(out, at: np.ndarray | None = None) -> StepResult:  # logits at `at` (default: the last), counts (S, B)
+    logits = out.logits[:, -1] if at is None else out.logits[np.arange(len(at)), at]
     return StepResult(logits, np.stack([r.valid.sum(-1) for r in out.routing]).astype(np.int64),
                       np.stack([r.boundary_mask.sum(-1) for r in out.routing]).astype(np.int64))
 
@@ -45,28 +36,27 @@ class Adapter:
         if max_bytes > self.model.max_seqlen:
             raise HNetError(f"prompt + max_tokens ({max_bytes + 1} bytes) exceeds this export's max_seqlen "
                             f"{self.model.max_seqlen}; generate fewer bytes or re-export with a larger --max-seqlen")
-        self.live = LiveState(batch_size, max_bytes + 1)
+        self.live = LiveState(max_bytes + 1)  # the live state is replaced by the first extend
         return self.live
 
-    def _check(self, cache: LiveState) -> None:
-        if cache is not self.live:
-            raise HNetError("this OnnxHNet has moved on to a newer cache; an ONNX model holds one live state")
-
     def extend(self, cache: LiveState, ids: np.ndarray, mask: np.ndarray, last: np.ndarray) -> StepResult:
-        self._check(cache)
-        run = self.model.extend if cache.started else self.model.prefill
-        cache.started = True
+        model = self._check(cache)
+        run, cache.started = (model.extend if cache.started else model.prefill), True
         return _result(run(ids, mask, capacity=cache.capacity), last)
 
     def step(self, cache: LiveState, next_bytes: np.ndarray) -> StepResult:
-        self._check(cache)
-        return _result(self.model.step(next_bytes))
+        return _result(self._check(cache).step(next_bytes))
+
+    def _check(self, cache: LiveState) -> OnnxHNet:
+        if cache is not self.live:
+            raise HNetError("this OnnxHNet has moved on to a newer cache; an ONNX model holds one live state")
+        return self.model
 
     def export_cache(self, cache: LiveState):
-        raise HNetError(NO_PROMPT_CACHES)
+        raise HNetError("prompt caches work with the torch and mlx backends, not onnx")
 
     def import_cache(self, tree: dict, arrays: dict):
-        raise HNetError(NO_PROMPT_CACHES)
+        return self.export_cache(None)
 
     def reset_peak_memory(self) -> None:
         pass  # the resident-set peak cannot be reset
@@ -75,6 +65,5 @@ class Adapter:
         return rss_peak()
 
 
-def stream_generate(model: OnnxHNet, prompts, **kwargs):
-    """hnet_core.engine.stream_generate on `model` (same arguments after the prompts)."""
+def stream_generate(model: OnnxHNet, prompts, **kwargs):  # engine.stream_generate's arguments
     return engine.stream_generate(Adapter(model), prompts, **kwargs)

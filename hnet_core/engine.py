@@ -51,6 +51,8 @@ class Adapter(Protocol):
     never looks inside it. ids are int64 and masks bool numpy arrays, right-padded: a row's real
     bytes are a prefix of the row, then False."""
 
+    config: dict  # the model's config (HNetConfig.to_dict()): a prompt cache file records it, loading checks it
+
     def new_cache(self, batch_size: int, max_bytes: int) -> Any:
         """An empty cache for `batch_size` samples. max_bytes: the most bytes a sample will hold
         (prompt + generated), a hint for backends that reserve space; one that cannot hold that

@@ -1,10 +1,8 @@
 """Prompt caches on disk (the format is hnet_core/prompt_cache.py's, shared with hnet_mlx).
 
-    cache = model.allocate_inference_cache(batch_size=1)
-    model(torch.tensor([encode(long_document)]), cache=cache)
-    save_prompt_cache("doc.safetensors", cache, {"note": "chapter 1"})
+    cache, meta = cache_prompt(model, long_document)          # read once, in pieces (hnet_core.engine)
+    save_prompt_cache("doc.safetensors", cache, meta)
     cache, meta = load_prompt_cache("doc.safetensors", model, return_metadata=True)
-    model(torch.tensor([encode(" more", add_bos=False)]), cache=cache)   # continues the document
 
 A cache saved here loads in hnet_mlx and the other way round; a cache made for another config is
 refused with one HNetError (at load when `model` is given, else when the model first uses it).

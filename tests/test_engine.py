@@ -27,6 +27,8 @@ class ScriptedAdapter:
     """An engine.Adapter in numpy: the cache is the bytes each sample has read; the logits at a position
     peak at rule(bytes up to it); routing 'stage 0' sees every byte and opens a chunk at each space."""
 
+    config = {"model": "scripted"}
+
     def __init__(self) -> None:
         self.pieces: list[tuple[int, int]] = []  # (batch, width) of every extend call
 
