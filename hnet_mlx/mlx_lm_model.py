@@ -135,7 +135,8 @@ class HNetPromptCache:
     def extend(self, other: "HNetPromptCache") -> None:
         """Append the rows of `other` (in place)."""
         merged = HNetPromptCache.merge([self, other])
-        self.model, self.cache, self.batch_size, self.offset = merged.model, merged.cache, merged.batch_size, merged.offset
+        self.model, self.cache = merged.model, merged.cache
+        self.batch_size, self.offset = merged.batch_size, merged.offset
 
     def filter(self, keep) -> None:
         """Keep only the rows `keep` (in place)."""

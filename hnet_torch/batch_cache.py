@@ -37,7 +37,8 @@ def merge_caches(caches: Sequence[InferenceCache]) -> InferenceCache:
     backbone = _merge([c.backbone for c in caches])
     return InferenceCache(backbone, first.max_seqlen, sum(c.batch_size for c in caches),
                           prefilled=all(c.prefilled for c in caches),
-                          lengths=torch.cat([c.lengths for c in caches]), max_length=max(c.max_length for c in caches),
+                          lengths=torch.cat([c.lengths for c in caches]),
+                          max_length=max(c.max_length for c in caches),
                           config=first.config, extra={})
 
 

@@ -95,7 +95,8 @@ def run_server(app, scheduler: Scheduler, host: str, port: int, grace: float, lo
               help="Largest max_tokens a request may ask for (400 beyond).")
 @click.option("--max-prompt-bytes", default=65536, show_default=True, type=click.IntRange(1),
               help="Largest prompt in UTF-8 bytes (400 beyond).")
-@click.option("--timeout", "request_timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", "request_timeout", default=600.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
               help="Seconds a request may take, waiting included (then 504, or an error event when streaming).")
 @click.option("--api-key", default=None, envvar="HNET_API_KEY",
               help="Refuse requests without 'Authorization: Bearer KEY' (401). Also read from $HNET_API_KEY.")
@@ -130,5 +131,6 @@ def serve_command(backend, model_path, config, dtype, device, host, port, model_
     if max_seqlen is not None:
         limits.max_total = max_seqlen - 1
     app = create_app(scheduler, name, limits, api_key=api_key)
-    print(f"hnet serve: {backend} backend, model {name!r}, listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    print(f"hnet serve: {backend} backend, model {name!r}, listening on http://{host}:{port}", file=sys.stderr,
+          flush=True)
     run_server(app, scheduler, host, port, shutdown_grace, log_level)

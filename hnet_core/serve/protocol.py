@@ -66,7 +66,8 @@ def _load(body: bytes) -> dict:
     except UnicodeDecodeError:
         raise RequestError(400, "the request body is not valid UTF-8") from None
     except json.JSONDecodeError as e:
-        raise RequestError(400, f"the request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        where = f"{e.msg} at line {e.lineno} column {e.colno}"
+        raise RequestError(400, f"the request body is not valid JSON ({where})") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object")
     return data
@@ -80,8 +81,8 @@ def _number(data: dict, name: str, default: float, low: float, high: float, low_
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(400, f"{name} must be a number, got {json.dumps(value)[:40]}", name)
     if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
-        raise RequestError(400, f"{name} must be in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}, "
-                           f"got {value}", name)
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise RequestError(400, f"{name} must be in {interval}, got {value}", name)
     return float(value)
 
 
@@ -111,8 +112,8 @@ def _common(data: dict, prompt: bytes, limits: Limits, served: str, default_max:
         raise RequestError(404, f"model {model!r} does not exist; this server serves {served!r}", "model",
                            "model_not_found")
     if len(prompt) > limits.max_prompt_bytes:
-        raise RequestError(400, f"the prompt has {len(prompt)} bytes; this server takes at most {limits.max_prompt_bytes}",
-                           "prompt")
+        raise RequestError(400, f"the prompt has {len(prompt)} bytes; this server takes at most "
+                           f"{limits.max_prompt_bytes}", "prompt")
     max_tokens = _integer(data, "max_tokens", min(default_max, limits.max_tokens), 1, limits.max_tokens)
     if data.get("max_completion_tokens") is not None:
         max_tokens = _integer(data, "max_completion_tokens", None, 1, limits.max_tokens)

@@ -12,9 +12,9 @@ greedy request gets the bytes it would get alone.
 
 The backend is any object with prefill(cache, piece) -> (cache, logits (V,)), merge(caches),
 filter(cache, rows) and step(cache, next_bytes (B,)) -> (cache, logits (B, V)): batching.py over
-hnet_core.engine's Adapter for torch and MLX, export/serving.py for ONNX. `hnet serve` builds it and runs the loop (`run`) in the
-main thread, with the HTTP server in another: MLX aborts the process at exit when a thread other
-than the main one ran a model. `start` runs the loop in a thread of its own instead. Results go to
+hnet_core.engine's Adapter for torch and MLX, export/serving.py for ONNX. `hnet serve` builds it
+and runs the loop (`run`) in the main thread, with the HTTP server in another: MLX aborts the
+process at exit when a thread other than the main one ran a model. `start` runs the loop in a thread of its own instead. Results go to
 each request's `emit` callback (from the loop's thread): ("text", str) pieces, then
 ("done", finish_reason, prompt_bytes, generated_bytes) or ("error", http_status, message).
 """
