@@ -135,11 +135,21 @@ def create_app(scheduler: Scheduler, model_name: str, limits: Limits, api_key: s
         try:
             if response.chat:
                 yield _sse(response.chunk("", first=True))
+            pending: list = []
             while True:
-                event = await events.get()
-                if event[0] == "text":
-                    yield _sse(response.chunk(event[1]))
-                elif event[0] == "done":
+                if not pending:
+                    pending.append(await events.get())
+                    while not events.empty():
+                        pending.append(events.get_nowait())
+                if pending[0][0] == "text":
+                    # Bytes that came while the last chunk was being sent go out together, in one chunk.
+                    text = []
+                    while pending and pending[0][0] == "text":
+                        text.append(pending.pop(0)[1])
+                    yield _sse(response.chunk("".join(text)))
+                    continue
+                event = pending.pop(0)
+                if event[0] == "done":
                     final = response.chunk(None if response.chat else "", reason=event[1])
                     final["usage"] = Response.usage(event[2], event[3])
                     yield _sse(final)
