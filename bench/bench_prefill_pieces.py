@@ -147,11 +147,13 @@ def child(args) -> None:
 
 
 def main() -> None:
+    from hnet_core.engine import DEFAULT_PREFILL_STEP
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="bench_2stage_small")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     p.add_argument("--backends", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
-    p.add_argument("--piece", type=int, default=2048, help="Bytes per piece (the default prefill_step_size).")
+    p.add_argument("--piece", type=int, default=DEFAULT_PREFILL_STEP, help="Bytes per piece (the default prefill_step_size).")
     p.add_argument("--max-rss-gb", type=float, default=4.0, help="Address-space cap per row (one pass over 100k bytes "
                    "needs far more: its attention masks and scores grow with the square of the length).")
     p.add_argument("--timeout", type=float, default=900, help="Seconds per row before it is reported as too slow.")

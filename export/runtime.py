@@ -360,3 +360,20 @@ class OnnxHNet:
     def capacity(self) -> int:
         """Slots currently reserved in each global attention cache (grows on demand)."""
         return self._capacity
+
+    # -- live state as a value (batching many requests: export/batch_cache.py) ------------------
+
+    def get_state(self) -> "OnnxState":
+        """The live states as host arrays (a snapshot: later calls do not change it)."""
+        from .batch_cache import OnnxState
+
+        self._check_live()
+        return OnnxState({n: np.asarray(self._to_host(v)) for n, v in self._states.items()}, self._position, self._batch)
+
+    def set_state(self, state: "OnnxState") -> None:
+        """Continue from `state` (from get_state or batch_cache): the next step or extend uses it."""
+        self._states = dict(state.states)
+        self._position, self._batch = state.position, state.batch
+        slots = max([self._states[n].shape[1] for n in self._growable], default=0)
+        # Decoding restarts from host arrays: the first step pads them to the capacity and moves them.
+        self._capacity, self._reserve = 0, max(slots, state.position + _MIN_CAPACITY)

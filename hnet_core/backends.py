@@ -1,8 +1,8 @@
 """Loading a model for a named backend (torch, mlx, onnx), imported only when asked for.
 
-Every backend offers the same generation contract:
-    stream_generate(model, prompts, max_tokens=, sampling=, stop=) -> yields GenerationStep, returns GenerationStats
-so the CLIs render output and statistics the same way whichever framework computed the logits,
+Every backend offers a generation adapter (hnet_core.engine.Adapter: its `Adapter(model)` in
+hnet_torch.generate, hnet_mlx.generate, hnet_export.generate), so one engine generates, reads
+prompts in pieces, keeps prompt caches and reports statistics whichever framework computes the logits,
 and the same evaluation forward (`eval_forward`, from each backend's own evaluate module):
     make_forward(model_path, device=, dtype=) -> forward(ids, mask) -> (logits, [(boundary, valid)])
 """
@@ -28,10 +28,7 @@ EVAL_MODULES = {"torch": "hnet_torch.evaluate", "mlx": "hnet_mlx.evaluate", "onn
 class LoadedModel:
     backend: str
     model: Any
-    stream_generate: Callable
-    # -> (bytes, what was measured), or None. The backends measure different things (the process's peak
-    # resident set, the MLX or CUDA allocator's peak), so `-v` names the one it reports.
-    peak_memory: Callable[[], tuple[int, str] | None]
+    adapter: Any  # hnet_core.engine.Adapter for `model`
 
 
 def _import(module: str, backend: str):
@@ -41,20 +38,6 @@ def _import(module: str, backend: str):
         raise HNetError(
             f"the {backend} backend is not available ({e}); install it with pip install 'hnet-mlx[{_EXTRA[backend]}]'"
         ) from None
-
-
-RSS_PEAK = "peak resident memory of the process"
-
-
-def _rss_peak() -> tuple[int, str] | None:
-    try:
-        import resource
-        import sys
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return (peak if sys.platform == "darwin" else peak * 1024), RSS_PEAK
-    except Exception:
-        return None
 
 
 # -- --device, checked once for every command and backend before anything is loaded. Each backend
@@ -107,16 +90,8 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
     device = check_device(backend, device)
     if backend == "torch":
         torch_api = _import("hnet_torch", backend)
-        import torch
-
         model = torch_api.load_pretrained(path, config=config, dtype=dtype, device=device)
-
-        def peak() -> tuple[int, str] | None:
-            if model.embeddings.weight.is_cuda:
-                return int(torch.cuda.max_memory_allocated()), "peak memory allocated by torch on the GPU"
-            return _rss_peak()
-
-        return LoadedModel(backend, model, torch_api.stream_generate, peak)
+        return LoadedModel(backend, model, _import("hnet_torch.generate", backend).Adapter(model))
     if backend == "mlx":
         mlx_api = _import("hnet_mlx", backend)
         if config is not None:
@@ -128,17 +103,12 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
         if device is not None:
             mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         model, _ = mlx_api.load(path, dtype=dtype) if dtype else mlx_api.load(path)
-
-        def mlx_peak() -> tuple[int, str] | None:
-            allocated = int(mx.get_peak_memory())
-            return (allocated, "peak memory allocated by MLX during generation") if allocated else _rss_peak()
-
-        return LoadedModel(backend, model, mlx_api.stream_generate, mlx_peak)
+        return LoadedModel(backend, model, _import("hnet_mlx.generate", backend).Adapter(model))
     onnx_api = _import("hnet_export", backend)
     if config is not None or dtype is not None:
         raise HNetError("the onnx backend reads its settings from the exported directory; --config/--dtype apply at export time")
     model = onnx_api.OnnxHNet(path, provider=device or "auto")
-    return LoadedModel(backend, model, onnx_api.stream_generate, _rss_peak)
+    return LoadedModel(backend, model, _import("hnet_export.generate", backend).Adapter(model))
 
 
 def eval_forward(backend: str, path: str, device: str | None = None, dtype: str | None = None) -> Callable:

@@ -30,6 +30,7 @@ LAZY_COMMANDS = {
     "eval": ("hnet_core.evaluate", "eval_command", "torch"),
     "plot": ("hnet_core.plot", "plot_command", "train"),
     "data": ("hnet_core.data", "data_command", ""),
+    "serve": ("hnet_core.serve.cli", "serve_command", "serve"),
 }
 
 
@@ -119,38 +120,36 @@ def sampling_options(f):
     return f
 
 
+def prefill_step_option(help_text: str = "Bytes per piece"):
+    """`--prefill-step-size` (its default and its check live in hnet_core.engine)."""
+    from .engine import DEFAULT_PREFILL_STEP
+
+    return click.option("--prefill-step-size", default=None, type=int,
+                        help=f"{help_text} (default {DEFAULT_PREFILL_STEP}; must be positive).")
+
+
 def prefill_options(f):
     """`--prefill-step-size` and `--prompt-cache-file`, shared by `hnet generate` and `hnet-mlx generate`."""
     f = click.option("--prompt-cache-file", default=None, type=click.Path(dir_okay=False),
                      help="Continue the text cached by `cache-prompt` (torch, mlx): --prompt is what follows it.")(f)
-    return click.option("--prefill-step-size", default=None, type=int,
-                        help="Read the prompt in pieces of this many bytes, extending one cache, so memory "
-                             "stays flat for long prompts (torch, mlx; default 2048).")(f)
-
-
-BACKEND_PACKAGES = {"torch": "hnet_torch", "mlx": "hnet_mlx"}
-
-
-def prompt_cache_api(loaded, what: str):
-    """The backend package offering prompt caches (torch, mlx), imported lazily."""
-    if loaded.backend not in BACKEND_PACKAGES:
-        raise HNetError(f"{what} works with the torch and mlx backends, not {loaded.backend}")
-    return importlib.import_module(BACKEND_PACKAGES[loaded.backend])
+    return prefill_step_option("Read the prompt in pieces of this many bytes, extending one cache, so memory "
+                               "stays flat for long prompts")(f)
 
 
 def cache_prompt_file(loaded, prompt_file: str, out_path: str, prefill_step_size: int | None) -> None:
     """Read a prompt file into a new cache and save it (the `cache-prompt` commands)."""
-    from .streaming import DEFAULT_PREFILL_STEP
+    from .engine import cache_prompt, check_prefill_step
+    from .prompt_cache import save_with
 
-    api = prompt_cache_api(loaded, "cache-prompt")
+    check_prefill_step(prefill_step_size)  # before reading a long file
     try:
         with open(prompt_file, "rb") as f:
             data = f.read()
     except OSError as e:
         raise HNetError(f"cannot read --prompt-file {prompt_file}: {e.strerror or e}") from None
-    cache, metadata = api.cache_prompt(loaded.model, data, prefill_step_size or DEFAULT_PREFILL_STEP)
+    cache, metadata = cache_prompt(loaded.adapter, data, prefill_step_size)
     metadata["source"] = prompt_file
-    api.save_prompt_cache(out_path, cache, metadata)
+    save_with(loaded.adapter, out_path, cache, metadata)
     click.echo(f"wrote {out_path}: BOS + {len(data)} bytes of {prompt_file} (the last byte is read again with "
                "the continuation)", err=True)
 
@@ -161,6 +160,7 @@ def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: f
                    prompt_cache_file: str | None = None) -> list[str]:
     """Stream one prompt's text to `out` as it is generated (or collect a batch), then print stats.
     With a prompt cache file, the one prompt continues the cached text."""
+    from .engine import check_prefill_step, stream_generate
     from .sampling import SamplingParams
 
     out = out or sys.stdout
@@ -168,26 +168,21 @@ def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: f
         raise HNetError(f"--max-tokens must be >= 0, got {max_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed)
+    check_prefill_step(prefill_step_size)  # before a prompt cache file is read
     extra: dict = {}
-    if prefill_step_size is not None:
-        if prefill_step_size <= 0:
-            raise HNetError(f"--prefill-step-size must be a positive number of bytes, got {prefill_step_size}")
-        extra["prefill_step_size"] = prefill_step_size
     feed = prompts
     if prompt_cache_file is not None:
-        from .prompt_cache import continuation
+        from .prompt_cache import continuation, load_with
 
-        api = prompt_cache_api(loaded, "--prompt-cache-file")
         if len(prompts) != 1:
             raise HNetError("--prompt-cache-file continues one text: give exactly one --prompt")
-        cache, metadata = api.load_prompt_cache(prompt_cache_file, loaded.model, return_metadata=True)
+        cache, metadata = load_with(loaded.adapter, prompt_cache_file)
         data, context = continuation(metadata, prompts[0])
         feed = [data]
         extra.update(prompt_cache=cache, context=[context])
-    elif extra and loaded.backend not in BACKEND_PACKAGES:
-        raise HNetError(f"--prefill-step-size works with the torch and mlx backends, not {loaded.backend}")
     texts = [""] * len(prompts)
-    gen = loaded.stream_generate(loaded.model, feed, max_tokens=max_tokens, sampling=params, stop=stop, **extra)
+    gen = stream_generate(loaded.adapter, feed, max_tokens=max_tokens, sampling=params, stop=stop,
+                          prefill_step_size=prefill_step_size, **extra)
     stats = None
     while True:
         try:
@@ -208,7 +203,7 @@ def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: f
             for i, t in enumerate(texts):
                 safe_write(out, f"=== [{i}] {show_bytes(prompts[i])!r}\n{t}\n")
     if verbose and stats is not None:
-        print_stats(stats, loaded.peak_memory())
+        print_stats(stats)
     return texts
 
 
@@ -222,8 +217,9 @@ def safe_write(out, text: str) -> None:
     out.flush()
 
 
-def print_stats(stats, peak_memory: tuple[int, str] | None) -> None:
+def print_stats(stats) -> None:
     err = sys.stderr
+    peak_memory = stats.peak_memory
     err.write("=" * 10 + "\n")
     err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
     err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")
@@ -279,7 +275,7 @@ def generate(backend, model_path, config, prompts, dtype, device, **kw):
 @click.option("--config", default=None, help="Config JSON for a .pt checkpoint (optional for the official ones).")
 @click.option("--prompt-file", required=True, type=click.Path(dir_okay=False), help="The text to read once.")
 @click.option("--out", "out_path", required=True, help="Prompt cache file to write (.safetensors).")
-@click.option("--prefill-step-size", default=None, type=int, help="Bytes per piece (default 2048).")
+@prefill_step_option()
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights dtype (default float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps).")

@@ -145,6 +145,18 @@ def check_config(cache_config: dict | None, model_config: dict, where: str = "th
                         "was made with, or make a new one for this model")
 
 
+def save_with(adapter: Any, path: str | os.PathLike, cache: Any, metadata: dict | None = None) -> None:
+    """Write `cache` through a generation adapter (hnet_core.engine.Adapter): any backend's cache."""
+    write_prompt_cache(path, *adapter.export_cache(cache), adapter.config, metadata)
+
+
+def load_with(adapter: Any, path: str | os.PathLike) -> tuple[Any, dict]:
+    """(cache, metadata) of the file at `path`, for the adapter's model (another model's cache is refused)."""
+    header, arrays = read_prompt_cache(path)
+    check_config(header["config"], adapter.config, where=f"prompt cache {os.fspath(path)}")
+    return adapter.import_cache(header["tree"], arrays), header["metadata"]
+
+
 # -- prompt files for the CLI (`cache-prompt`, `generate --prompt-cache-file`) -------------------
 
 CONTEXT_BYTES = 1024  # bytes of the cached text kept for the repetition penalty's history (its window is 64)

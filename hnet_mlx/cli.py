@@ -17,7 +17,8 @@ import sys
 import click
 
 from hnet_core.backends import DEMO_MODEL
-from hnet_core.cli import HNetGroup, cache_prompt_file, prefill_options, read_prompts, run_generation, sampling_options
+from hnet_core.cli import (HNetGroup, cache_prompt_file, prefill_options, prefill_step_option, read_prompts,
+                           run_generation, sampling_options)
 from hnet_core.errors import HNetError
 
 LAZY_COMMANDS = {
@@ -128,7 +129,7 @@ def generate(model_path, prompts, batch_file, dtype, show_chunks, **kw):
               help="Converted model directory (hnet convert torch-to-mlx). Default: the bundled demo model.")
 @click.option("--prompt-file", required=True, type=click.Path(dir_okay=False), help="The text to read once.")
 @click.option("--out", "out_path", required=True, help="Prompt cache file to write (.safetensors).")
-@click.option("--prefill-step-size", default=None, type=int, help="Bytes per piece (default 2048).")
+@prefill_step_option()
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Cast the weights (default: as stored).")
 def cache_prompt(model_path, prompt_file, out_path, prefill_step_size, dtype):

@@ -1,86 +1,63 @@
-"""Text generation: prefill the prompts, then one byte per step (any batch size, ragged prompts).
-
-    from hnet_mlx import load, generate
-    model, config = load("model_dir/")
-    print(generate(model, "Hello", max_tokens=64, temperature=0.8, seed=0))
-
-`stream_generate` yields a `GenerationStep` per byte (printable text per sample, UTF-8 safe) and
-returns `GenerationStats` (throughput, peak memory, per-stage chunk lengths) when it ends. The
-sampler is hnet_core's (numpy), so torch and MLX draw the same bytes from the same logits and seed.
-Prompts are read in pieces of `prefill_step_size` bytes extending one growing cache, so a long
-prompt costs no more memory than its cache. With `prompt_cache` (a live cache, e.g. from
-`load_prompt_cache`) the prompts continue the text it holds: no BOS is added, and the cache is
-extended in place.
-"""
+"""MLX's hnet_core.engine.Adapter; the engine generates (`generate(model, "Hello", temperature=0.8)`),
+reads prompts in pieces, samples (numpy: torch and MLX draw the same bytes), streams and counts."""
 
 from __future__ import annotations
-
-from typing import Generator, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from hnet_core.sampling import SamplingParams
-from hnet_core.streaming import (DEFAULT_PREFILL_STEP, GenerationStats, GenerationStep, collect_texts, decode_loop,
-                                  prefill_in_pieces, prompt_batch)
+from hnet_core import engine
+from hnet_core.engine import StepResult, rss_peak
 
 from .cache import InferenceCache, state_arrays
 from .lm import HNetForCausalLM
+from .prompt_cache import export_cache, import_cache
 
 
-def _routing_counts(routing) -> tuple[list[int], list[int]]:
-    mx.eval([r.boundary_mask for r in routing], [r.valid for r in routing if r.valid is not None])  # one sync
-    valid = [int(np.array(r.valid).sum()) if r.valid is not None else r.boundary_mask.size for r in routing]
-    return valid, [int(np.array(r.boundary_mask).sum()) for r in routing]
+def _result(logits: mx.array, routing) -> StepResult:  # on the host (one sync): logits (B, V), counts (S, B)
+    B = logits.shape[0]
+    valid = mx.stack([(r.valid if r.valid is not None else mx.ones_like(r.boundary_mask)).reshape(B, -1).sum(1)
+                      for r in routing])
+    bounds = mx.stack([r.boundary_mask.reshape(B, -1).sum(1) for r in routing])
+    logits = logits.astype(mx.float32)
+    mx.eval(logits, valid, bounds)
+    return StepResult(np.array(logits), np.array(valid).astype(np.int64), np.array(bounds).astype(np.int64))
 
 
-def _peak_memory() -> int | None:
-    try:
-        return int(mx.get_peak_memory())
-    except Exception:  # a backend without memory accounting
-        return None
+class Adapter:
+    def __init__(self, model: HNetForCausalLM):
+        self.model, self.config = model, model.config_dict
 
+    def new_cache(self, batch_size: int, max_bytes: int) -> InferenceCache:
+        return self.model.allocate_inference_cache(batch_size=batch_size)  # grows as bytes come
 
-def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
-                    sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None,
-                    context: Sequence[Sequence[int]] | None = None
-                    ) -> Generator[GenerationStep, None, GenerationStats]:
-    """`context`: the bytes `prompt_cache` already holds per sample (for the repetition penalty)."""
-    ids, mask = prompt_batch(prompts, max_tokens, add_bos=prompt_cache is None)
-    cache = prompt_cache
-
-    def piece(ids_np, mask_np, last):
-        out = model(mx.array(ids_np.astype(np.int32)), mask=mx.array(mask_np), cache=cache)
+    def extend(self, cache: InferenceCache, ids: np.ndarray, mask: np.ndarray, last: np.ndarray) -> StepResult:
+        out = self.model(mx.array(ids.astype(np.int32)), mask=mx.array(mask), cache=cache)
         rows = mx.take_along_axis(out.logits, mx.array(last.astype(np.int32))[:, None, None], axis=1)[:, 0]  # (B, V)
         # Evaluate the cache now: left lazy, each piece's graph (and activations) would stay alive.
         mx.eval(rows, cache.lengths, state_arrays(cache.backbone))
-        return np.array(rows.astype(mx.float32)), _routing_counts(out.routing)
+        return _result(rows, out.routing)
 
-    def prefill(ids_np, mask_np):
-        nonlocal cache
-        if cache is None:
-            cache = model.allocate_inference_cache(batch_size=ids_np.shape[0])
-        return prefill_in_pieces(ids_np, mask_np, prefill_step_size, piece)
+    def step(self, cache: InferenceCache, next_bytes: np.ndarray) -> StepResult:
+        out = self.model.step(mx.array(next_bytes.astype(np.int32)), cache)
+        return _result(out.logits[:, -1], out.routing)
 
-    def step(next_bytes):
-        out = model.step(mx.array(next_bytes.astype(np.int32)), cache)
-        return np.array(out.logits[:, -1].astype(mx.float32)), _routing_counts(out.routing)
+    export_cache = staticmethod(export_cache)
 
-    mx.reset_peak_memory()
-    stats = yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step, context=context)
-    stats.peak_memory_bytes = _peak_memory()
-    return stats
+    def import_cache(self, tree: dict, arrays: dict[str, np.ndarray]) -> InferenceCache:
+        return import_cache(tree, arrays, self.config)
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def peak_memory(self) -> tuple[int, str] | None:
+        allocated = int(mx.get_peak_memory())
+        return (allocated, "peak memory allocated by MLX during generation") if allocated else rss_peak()
 
 
-def generate(model: HNetForCausalLM, prompt: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-             prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None
-             ) -> str | list[str]:
-    """The generated continuation (a string, or one per prompt for a list of prompts)."""
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    steps = stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop,
-                            prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
-    return collect_texts(steps, prompt)
+def stream_generate(model: HNetForCausalLM, prompts, **kwargs):  # engine.stream_generate's arguments
+    return engine.stream_generate(Adapter(model), prompts, **kwargs)
+
+
+def generate(model: HNetForCausalLM, prompt, **kwargs) -> str | list[str]:  # engine.generate's arguments
+    return engine.generate(Adapter(model), prompt, **kwargs)

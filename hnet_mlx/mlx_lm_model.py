@@ -15,12 +15,20 @@ What mlx-lm asks of a model, and how H-Net answers:
   mlx-lm prefills long prompts in `prefill_step_size` pieces on one cache, then feeds one token at a
   time. One token is `HNetForCausalLM.step` (the compiled decode step).
 - `make_cache()` -> [HNetPromptCache]: one object wrapping our InferenceCache. It offers `state`
-  (for mx.eval), `nbytes`, deep copies (the server's in-memory prompt cache copies a cache before
-  reusing it), and `is_trimmable() == False`: H-Net's state (SSM states, chunk boundaries, the EMA)
-  cannot be rolled back, so the server reuses a cached prompt only when the new prompt extends it.
-  It has no `merge`, so `mlx_lm.server` serves requests one at a time on its sequential path
-  (BatchGenerator needs left-padded batched caches it can merge, filter and extend, which our
-  per-sample cache does not offer; concurrent requests queue).
+  (for mx.eval), `nbytes`, `empty`, deep copies (the server's in-memory prompt cache copies a cache
+  before reusing it), and `is_trimmable() == False`: H-Net's state (SSM states, chunk boundaries,
+  the EMA) cannot be rolled back, so the server reuses a cached prompt only when the new prompt
+  extends it.
+- Batching (`mlx_lm.server`'s BatchGenerator, taken when every cache entry has `merge`): the
+  classmethod `merge` stacks single-request caches into one batch cache (an empty one becomes a
+  fresh row), `extend` appends a batch to a running one, `filter` keeps rows, `extract` gives one
+  row back (for the prompt cache). Prompts of a batch come right-padded after
+  `prepare(lengths=..., right_padding=...)`: every call until `finalize()` masks each row beyond its
+  remaining length, so padding never reaches a row's state. Rows are per sample throughout
+  (hnet_mlx/batch_cache.py), so each request gets what it gets alone.
+- Why not hnet_core.engine's Adapter (hnet_mlx/generate.py): mlx-lm samples from lazy MLX logits
+  and overlaps that with the next step (mx.async_eval); the adapter returns numpy logits of one
+  position, a host sync per byte. Both run the same model calls (`__call__` on a cache, `step`).
 - `layers`: every block (Mamba2 / attention + MLP) of every stack, outermost encoder first, so
   mlx-lm's LoRA utilities find the Linear layers; `sanitize`: official/torch conv layout -> MLX.
 """
@@ -35,7 +43,7 @@ import mlx.core as mx
 
 from hnet_core.config import HNetConfig
 
-from . import loading
+from . import batch_cache, loading
 from .cache import InferenceCache, state_arrays, with_arrays
 from .lm import HNetForCausalLM
 
@@ -54,9 +62,12 @@ class ModelArgs:
 class HNetPromptCache:
     """The one cache object `Model.make_cache` returns (mlx-lm keeps a list of them per model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: HNetForCausalLM | None = None, batch_size: int = 1) -> None:
+        self.model = model  # to give an empty cache its rows when it is merged or extended
         self.cache: InferenceCache | None = None
-        self.offset = 0  # bytes consumed (per sample; mlx-lm runs batch 1 on this path)
+        self.batch_size = batch_size  # rows of an empty cache (a live one knows its own)
+        self.offset = 0  # bytes consumed (the longest row's)
+        self.remaining: list[int] | None = None  # real bytes per row still to come, between prepare and finalize
 
     # -- what mlx-lm reads ------------------------------------------------------------------
 
@@ -91,26 +102,91 @@ class HNetPromptCache:
     def __deepcopy__(self, memo) -> "HNetPromptCache":
         # Arrays are immutable and every update replaces them, so a copy shares them; the dataclass
         # tree around them is rebuilt (the split decode step assigns into it in place).
-        new = HNetPromptCache()
+        new = HNetPromptCache(self.model, self.batch_size)
         new.offset = self.offset
+        new.remaining = None if self.remaining is None else list(self.remaining)
         if self.cache is not None:
             new.cache = copy.copy(self.cache)
             new.cache.backbone = with_arrays(self.cache.backbone, state_arrays(self.cache.backbone))
             new.cache.extra = dict(self.cache.extra)
         return new
 
+    # -- batching (mlx_lm.generate.BatchGenerator) --------------------------------------------
+
+    def _live(self) -> InferenceCache:
+        """This cache's InferenceCache, allocating fresh rows for an empty one."""
+        if self.cache is None:
+            self.cache = self.model.allocate_inference_cache(batch_size=self.batch_size)
+        return self.cache
+
+    @classmethod
+    def merge(cls, caches: list["HNetPromptCache"]) -> "HNetPromptCache":
+        """One batch cache holding the rows of `caches` in order (mlx-lm calls it on single-request caches)."""
+        model = next(c.model for c in caches if c.model is not None)
+        out = cls(model, sum(c.batch_size if c.cache is None else c.cache.batch_size for c in caches))
+        if any(c.cache is not None for c in caches):
+            for c in caches:
+                c.model = c.model or model
+            out.cache = batch_cache.merge_caches([c._live() for c in caches])
+            mx.eval(out.state)
+        out.offset = max(c.offset for c in caches)
+        return out
+
+    def extend(self, other: "HNetPromptCache") -> None:
+        """Append the rows of `other` (in place)."""
+        merged = HNetPromptCache.merge([self, other])
+        self.model, self.cache = merged.model, merged.cache
+        self.batch_size, self.offset = merged.batch_size, merged.offset
+
+    def filter(self, keep) -> None:
+        """Keep only the rows `keep` (in place)."""
+        keep = [int(k) for k in (keep.tolist() if isinstance(keep, mx.array) else keep)]
+        if self.cache is None:
+            self.batch_size = len(keep)
+        else:
+            self.cache = batch_cache.filter_cache(self.cache, keep)
+            mx.eval(self.state)
+        if self.remaining is not None:
+            self.remaining = [self.remaining[k] for k in keep]
+
+    def extract(self, idx: int) -> "HNetPromptCache":
+        """Row `idx` as a cache of its own (what the server keeps for prompt-cache reuse)."""
+        out = HNetPromptCache(self.model)
+        if self.cache is not None:
+            out.cache = batch_cache.extract_cache(self.cache, idx)
+            out.offset = int(out.cache.lengths[0].item())
+        return out
+
+    def prepare(self, lengths=None, right_padding=None, left_padding=None, **_) -> None:
+        """The next calls bring right-padded prompts with `lengths` real tokens per row."""
+        if left_padding is not None and any(int(p) for p in left_padding):
+            raise ValueError("H-Net caches take right-padded prompts only (every row starts at its own position)")
+        self.remaining = None if lengths is None else [int(n) for n in lengths]
+
+    def finalize(self) -> None:
+        self.remaining = None
+
     # -- feeding ----------------------------------------------------------------------------
 
     def feed(self, model: HNetForCausalLM, inputs: mx.array) -> mx.array:
         """Consume inputs (B, L) on this cache, continuing where it ended; logits (B, L, 256).
-        The cache grows as bytes come; one byte on a live cache takes the compiled decode step."""
+        The cache grows as bytes come; one byte on a live cache takes the compiled decode step.
+        Between prepare and finalize, each row's bytes beyond its remaining length are padding."""
         B, L = inputs.shape
+        self.model = self.model or model
         if self.cache is None:
-            self.cache = model.allocate_inference_cache(batch_size=B)
-        if L == 1 and self.cache.prefilled:
-            logits = model.step(inputs, self.cache).logits
+            self.batch_size = B
+        cache = self._live()
+        mask = None
+        if self.remaining is not None:
+            real = mx.array(self.remaining)
+            if min(self.remaining) < L:
+                mask = mx.arange(L)[None] < real[:, None]
+            self.remaining = [max(n - L, 0) for n in self.remaining]
+        if L == 1 and cache.prefilled and mask is None:
+            logits = model.step(inputs, cache).logits
         else:
-            logits = HNetForCausalLM.__call__(model, inputs, cache=self.cache).logits
+            logits = HNetForCausalLM.__call__(model, inputs, mask=mask, cache=cache).logits
         self.offset += L
         return logits
 
@@ -135,7 +211,7 @@ class Model(HNetForCausalLM):
         return logits.astype(mx.float32)
 
     def make_cache(self) -> list[HNetPromptCache]:
-        return [HNetPromptCache()]
+        return [HNetPromptCache(self)]
 
     @property
     def layers(self) -> list:

@@ -1,10 +1,8 @@
 """Prompt caches on disk (the format is hnet_core/prompt_cache.py's, shared with hnet_torch).
 
-    cache = model.allocate_inference_cache(batch_size=1)
-    model(mx.array([encode(long_document)]), cache=cache)
-    save_prompt_cache("doc.safetensors", cache, {"note": "chapter 1"})
+    cache, meta = cache_prompt(model, long_document)          # read once, in pieces (hnet_core.engine)
+    save_prompt_cache("doc.safetensors", cache, meta)
     cache, meta = load_prompt_cache("doc.safetensors", model, return_metadata=True)
-    model(mx.array([encode(" more", add_bos=False)]), cache=cache)   # continues the document
 
 A cache saved here loads in hnet_torch and the other way round; a cache made for another config is
 refused with one HNetError (at load when `model` is given, else when the model first uses it).
@@ -18,13 +16,11 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from hnet_core.errors import HNetError
-from hnet_core.prompt_cache import (check_config, flatten_cache, read_prompt_cache, split_prompt, unflatten_cache,
-                                     write_prompt_cache)
-from hnet_core.streaming import DEFAULT_PREFILL_STEP
+from hnet_core import engine
+from hnet_core.prompt_cache import check_config, flatten_cache, read_prompt_cache, unflatten_cache, write_prompt_cache
 
 from . import cache as cache_classes
-from .cache import InferenceCache, state_arrays
+from .cache import InferenceCache
 from .lm import HNetForCausalLM
 
 CLASSES = {name: getattr(cache_classes, name) for name in
@@ -45,12 +41,27 @@ def _to_numpy(x: mx.array, owner: str, field: str) -> tuple[np.ndarray, str]:
     return np.array(x), dtype
 
 
+def export_cache(cache: InferenceCache) -> tuple[dict, dict[str, np.ndarray]]:
+    """(tree, arrays) of the file format (hnet_core/prompt_cache.py) for `cache`."""
+    return flatten_cache(cache, lambda x: isinstance(x, mx.array), _to_numpy)
+
+
+def import_cache(tree: dict, arrays: dict[str, np.ndarray], config: dict) -> InferenceCache:
+    """The cache `tree` and `arrays` describe, belonging to a model of `config`."""
+    def from_numpy(a: np.ndarray, dtype: str, owner: str, field: str) -> mx.array:
+        x = mx.array(a).astype(DTYPES[dtype])
+        return x.swapaxes(1, 2) if owner == "AttentionState" and field in KV_FIELDS else x
+
+    cache = unflatten_cache(tree, arrays, CLASSES, from_numpy)
+    cache.config = config
+    return cache
+
+
 def save_prompt_cache(path: str | os.PathLike, cache: InferenceCache, metadata: dict | None = None) -> None:
     """Write `cache` (and JSON-serialisable `metadata`) to one safetensors file, atomically."""
     if cache.config is None:
         raise ValueError("this cache has no model config; allocate it with model.allocate_inference_cache")
-    tree, arrays = flatten_cache(cache, lambda x: isinstance(x, mx.array), _to_numpy)
-    write_prompt_cache(path, tree, arrays, cache.config, metadata)
+    write_prompt_cache(path, *export_cache(cache), cache.config, metadata)
 
 
 def load_prompt_cache(path: str | os.PathLike, model: HNetForCausalLM | None = None, return_metadata: bool = False):
@@ -59,25 +70,13 @@ def load_prompt_cache(path: str | os.PathLike, model: HNetForCausalLM | None = N
     header, arrays = read_prompt_cache(path)
     if model is not None:
         check_config(header["config"], model.config_dict, where=f"prompt cache {os.fspath(path)}")
-
-    def from_numpy(a: np.ndarray, dtype: str, owner: str, field: str) -> mx.array:
-        x = mx.array(a).astype(DTYPES[dtype])
-        return x.swapaxes(1, 2) if owner == "AttentionState" and field in KV_FIELDS else x
-
-    cache = unflatten_cache(header["tree"], arrays, CLASSES, from_numpy)
-    cache.config = model.config_dict if model is not None else header["config"]
+    cache = import_cache(header["tree"], arrays, model.config_dict if model is not None else header["config"])
     return (cache, header["metadata"]) if return_metadata else cache
 
 
-def cache_prompt(model: HNetForCausalLM, prompt: str | bytes, prefill_step_size: int = DEFAULT_PREFILL_STEP
+def cache_prompt(model: HNetForCausalLM, prompt: str | bytes, prefill_step_size: int | None = None
                  ) -> tuple[InferenceCache, dict]:
-    """A new cache that has read `prompt` (BOS first, its last byte held back: see
-    hnet_core.prompt_cache.split_prompt) in pieces of prefill_step_size bytes, and its metadata."""
-    if prefill_step_size <= 0:
-        raise HNetError(f"prefill_step_size must be a positive number of bytes, got {prefill_step_size}")
-    ids, metadata = split_prompt(prompt)
-    cache = model.allocate_inference_cache(batch_size=1)
-    for start in range(0, len(ids), prefill_step_size):
-        model(mx.array([ids[start : start + prefill_step_size]], dtype=mx.int32), cache=cache)
-        mx.eval(state_arrays(cache.backbone))  # one piece at a time: the lazy graph would keep every piece alive
-    return cache, metadata
+    """hnet_core.engine.cache_prompt on `model`: a new cache that has read `prompt`, and its metadata."""
+    from .generate import Adapter
+
+    return engine.cache_prompt(Adapter(model), prompt, prefill_step_size)

@@ -1,74 +1,63 @@
-"""Text generation: prefill the prompts, then one byte per step (any batch size, ragged prompts).
-
-    from hnet_torch import load_pretrained, generate
-    model = load_pretrained("model_dir/")
-    print(generate(model, "Hello", max_tokens=64, temperature=0.8, seed=0))
-
-`stream_generate` yields a `GenerationStep` per byte (printable text per sample, UTF-8 safe) and
-returns `GenerationStats` (throughput, per-stage chunk lengths) when it ends. Prompts are read in
-pieces of `prefill_step_size` bytes extending one growing cache, so a long prompt costs no more
-memory than its cache. With `prompt_cache` (a live cache, e.g. from `load_prompt_cache`) the
-prompts continue the text it holds: no BOS is added, and the cache is extended in place.
-"""
+"""torch's hnet_core.engine.Adapter; the engine generates (`generate(model, "Hello", temperature=0.8)`),
+reads prompts in pieces, samples, streams and counts. Calls run under inference_mode."""
 
 from __future__ import annotations
 
-from typing import Generator, Sequence
-
+import numpy as np
 import torch
 
-from hnet_core.sampling import SamplingParams
-from hnet_core.streaming import (DEFAULT_PREFILL_STEP, GenerationStats, GenerationStep, collect_texts, decode_loop,
-                                  prefill_in_pieces, prompt_batch)
+from hnet_core import engine
+from hnet_core.engine import StepResult, rss_peak
 
 from .cache import InferenceCache
 from .lm import HNetForCausalLM
+from .prompt_cache import export_cache, import_cache
 
 
-def _routing_counts(routing) -> tuple[list[int], list[int]]:
-    valid = [int(r.valid.sum()) if r.valid is not None else r.boundary_mask.numel() for r in routing]
-    return valid, [int(r.boundary_mask.sum()) for r in routing]
+def _result(logits: torch.Tensor, routing) -> StepResult:  # on the host: logits (B, V), counts (S, B)
+    B = logits.shape[0]
+    valid = torch.stack([(r.valid if r.valid is not None else torch.ones_like(r.boundary_mask)).reshape(B, -1).sum(1)
+                         for r in routing])
+    bounds = torch.stack([r.boundary_mask.reshape(B, -1).sum(1) for r in routing])
+    return StepResult(logits.float().cpu().numpy(), valid.cpu().numpy(), bounds.cpu().numpy())
 
 
-@torch.inference_mode()
-def stream_generate(model: HNetForCausalLM, prompts: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
-                    sampling: SamplingParams | None = None, stop: Sequence[str] = (),
-                    prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None,
-                    context: Sequence[Sequence[int]] | None = None
-                    ) -> Generator[GenerationStep, None, GenerationStats]:
-    """`context`: the bytes `prompt_cache` already holds per sample (for the repetition penalty)."""
-    ids, mask = prompt_batch(prompts, max_tokens, add_bos=prompt_cache is None)
-    device = model.embeddings.weight.device
-    cache = prompt_cache
+class Adapter:
+    def __init__(self, model: HNetForCausalLM):
+        self.model, self.config, self.device = model, model.config_dict, model.embeddings.weight.device
 
-    def piece(ids_np, mask_np, last):
-        ids_t, mask_t = torch.from_numpy(ids_np).to(device), torch.from_numpy(mask_np).to(device)
-        out = model(ids_t, mask=mask_t, cache=cache)
-        rows = out.logits[torch.arange(ids_t.shape[0], device=device), torch.from_numpy(last).to(device)]  # (B, V)
-        return rows.float().cpu().numpy(), _routing_counts(out.routing)
+    @torch.inference_mode()
+    def new_cache(self, batch_size: int, max_bytes: int) -> InferenceCache:
+        return self.model.allocate_inference_cache(batch_size=batch_size)  # grows as bytes come
 
-    def prefill(ids_np, mask_np):
-        nonlocal cache
-        if cache is None:
-            cache = model.allocate_inference_cache(batch_size=ids_np.shape[0])
-        return prefill_in_pieces(ids_np, mask_np, prefill_step_size, piece)
+    @torch.inference_mode()
+    def extend(self, cache: InferenceCache, ids: np.ndarray, mask: np.ndarray, last: np.ndarray) -> StepResult:
+        ids_t, mask_t = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+        out = self.model(ids_t, mask=mask_t, cache=cache)
+        return _result(out.logits[torch.arange(len(last)), torch.from_numpy(last)], out.routing)
 
-    def step(next_bytes):
-        out = model.step(torch.from_numpy(next_bytes).to(device), cache)
-        return out.logits[:, -1].float().cpu().numpy(), _routing_counts(out.routing)
+    @torch.inference_mode()
+    def step(self, cache: InferenceCache, next_bytes: np.ndarray) -> StepResult:
+        out = self.model.step(torch.from_numpy(next_bytes).to(self.device), cache)
+        return _result(out.logits[:, -1], out.routing)
 
-    # inference_mode must cover the steps too, so the loop runs inside this generator
-    return (yield from decode_loop(ids, mask, max_tokens, sampling, stop, prefill, step, context=context))
+    export_cache = staticmethod(export_cache)
+
+    def import_cache(self, tree: dict, arrays: dict[str, np.ndarray]) -> InferenceCache:
+        return import_cache(tree, arrays, self.config, self.device)
+
+    def reset_peak_memory(self) -> None:
+        pass  # neither the resident-set peak nor (as before) the CUDA peak is reset per generation
+
+    def peak_memory(self) -> tuple[int, str] | None:
+        if self.device.type != "cuda":
+            return rss_peak()
+        return int(torch.cuda.max_memory_allocated()), "peak memory allocated by torch on the GPU"
 
 
-def generate(model: HNetForCausalLM, prompt: str | bytes | Sequence[str | bytes], max_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-             repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-             prefill_step_size: int = DEFAULT_PREFILL_STEP, prompt_cache: InferenceCache | None = None
-             ) -> str | list[str]:
-    """The generated continuation (a string, or one per prompt for a list of prompts)."""
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                            repetition_penalty=repetition_penalty, seed=seed)
-    steps = stream_generate(model, prompt, max_tokens=max_tokens, sampling=params, stop=stop,
-                            prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
-    return collect_texts(steps, prompt)
+def stream_generate(model: HNetForCausalLM, prompts, **kwargs):  # engine.stream_generate's arguments
+    return engine.stream_generate(Adapter(model), prompts, **kwargs)
+
+
+def generate(model: HNetForCausalLM, prompt, **kwargs) -> str | list[str]:  # engine.generate's arguments
+    return engine.generate(Adapter(model), prompt, **kwargs)

@@ -1,10 +1,8 @@
 """Prompt caches on disk (the format is hnet_core/prompt_cache.py's, shared with hnet_mlx).
 
-    cache = model.allocate_inference_cache(batch_size=1)
-    model(torch.tensor([encode(long_document)]), cache=cache)
-    save_prompt_cache("doc.safetensors", cache, {"note": "chapter 1"})
+    cache, meta = cache_prompt(model, long_document)          # read once, in pieces (hnet_core.engine)
+    save_prompt_cache("doc.safetensors", cache, meta)
     cache, meta = load_prompt_cache("doc.safetensors", model, return_metadata=True)
-    model(torch.tensor([encode(" more", add_bos=False)]), cache=cache)   # continues the document
 
 A cache saved here loads in hnet_mlx and the other way round; a cache made for another config is
 refused with one HNetError (at load when `model` is given, else when the model first uses it).
@@ -17,10 +15,8 @@ import os
 import numpy as np
 import torch
 
-from hnet_core.errors import HNetError
-from hnet_core.prompt_cache import (check_config, flatten_cache, read_prompt_cache, split_prompt, unflatten_cache,
-                                     write_prompt_cache)
-from hnet_core.streaming import DEFAULT_PREFILL_STEP
+from hnet_core import engine
+from hnet_core.prompt_cache import check_config, flatten_cache, read_prompt_cache, unflatten_cache, write_prompt_cache
 
 from . import cache as cache_classes
 from .cache import InferenceCache
@@ -43,12 +39,26 @@ def _to_numpy(x: torch.Tensor, owner: str, field: str) -> tuple[np.ndarray, str]
     return x.numpy(), dtype
 
 
+def export_cache(cache: InferenceCache) -> tuple[dict, dict[str, np.ndarray]]:
+    """(tree, arrays) of the file format (hnet_core/prompt_cache.py) for `cache`."""
+    return flatten_cache(cache, lambda x: isinstance(x, torch.Tensor), _to_numpy)
+
+
+def import_cache(tree: dict, arrays: dict[str, np.ndarray], config: dict, device: torch.device) -> InferenceCache:
+    """The cache `tree` and `arrays` describe, on `device`, belonging to a model of `config`."""
+    def from_numpy(a: np.ndarray, dtype: str, owner: str, field: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(a)).to(device=device, dtype=DTYPES[dtype])
+
+    cache = unflatten_cache(tree, arrays, CLASSES, from_numpy)
+    cache.config = config
+    return cache
+
+
 def save_prompt_cache(path: str | os.PathLike, cache: InferenceCache, metadata: dict | None = None) -> None:
     """Write `cache` (and JSON-serialisable `metadata`) to one safetensors file, atomically."""
     if cache.config is None:
         raise ValueError("this cache has no model config; allocate it with model.allocate_inference_cache")
-    tree, arrays = flatten_cache(cache, lambda x: isinstance(x, torch.Tensor), _to_numpy)
-    write_prompt_cache(path, tree, arrays, cache.config, metadata)
+    write_prompt_cache(path, *export_cache(cache), cache.config, metadata)
 
 
 def load_prompt_cache(path: str | os.PathLike, model: HNetForCausalLM | None = None, return_metadata: bool = False):
@@ -58,25 +68,13 @@ def load_prompt_cache(path: str | os.PathLike, model: HNetForCausalLM | None = N
     if model is not None:
         check_config(header["config"], model.config_dict, where=f"prompt cache {os.fspath(path)}")
     device = model.embeddings.weight.device if model is not None else torch.device("cpu")
-
-    def from_numpy(a: np.ndarray, dtype: str, owner: str, field: str) -> torch.Tensor:
-        return torch.from_numpy(np.array(a)).to(device=device, dtype=DTYPES[dtype])
-
-    cache = unflatten_cache(header["tree"], arrays, CLASSES, from_numpy)
-    cache.config = model.config_dict if model is not None else header["config"]
+    cache = import_cache(header["tree"], arrays, model.config_dict if model is not None else header["config"], device)
     return (cache, header["metadata"]) if return_metadata else cache
 
 
-@torch.inference_mode()
-def cache_prompt(model: HNetForCausalLM, prompt: str | bytes, prefill_step_size: int = DEFAULT_PREFILL_STEP
+def cache_prompt(model: HNetForCausalLM, prompt: str | bytes, prefill_step_size: int | None = None
                  ) -> tuple[InferenceCache, dict]:
-    """A new cache that has read `prompt` (BOS first, its last byte held back: see
-    hnet_core.prompt_cache.split_prompt) in pieces of prefill_step_size bytes, and its metadata."""
-    if prefill_step_size <= 0:
-        raise HNetError(f"prefill_step_size must be a positive number of bytes, got {prefill_step_size}")
-    ids, metadata = split_prompt(prompt)
-    cache = model.allocate_inference_cache(batch_size=1)
-    device = model.embeddings.weight.device
-    for start in range(0, len(ids), prefill_step_size):
-        model(torch.tensor([ids[start : start + prefill_step_size]], device=device), cache=cache)
-    return cache, metadata
+    """hnet_core.engine.cache_prompt on `model`: a new cache that has read `prompt`, and its metadata."""
+    from .generate import Adapter
+
+    return engine.cache_prompt(Adapter(model), prompt, prefill_step_size)

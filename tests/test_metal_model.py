@@ -24,7 +24,7 @@ import hnet_metal_kernels as hk
 from hnet_metal_kernels.emulator import compiler_available
 import hnet_mlx
 from hnet_core.tokenizer import encode
-from hnet_core.streaming import prompt_batch
+from hnet_core.engine import prompt_batch
 
 from conftest import TEXT, random_torch_model
 from mlx_helpers import mlx_from_torch, np_

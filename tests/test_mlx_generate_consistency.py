@@ -11,7 +11,7 @@ import hnet_mlx
 import hnet_torch
 from hnet_core import HNetError
 from hnet_core.tokenizer import encode
-from hnet_core.streaming import prompt_batch
+from hnet_core.engine import prompt_batch
 
 from conftest import TEXT, config_2stage, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
