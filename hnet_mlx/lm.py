@@ -239,13 +239,18 @@ class HNetForCausalLM(nn.Module):
     def resolve_step_mode(self, cache: InferenceCache) -> str:
         """"fused" or "split" for this cache. "auto" splits when the inner levels hold most of the
         weights (skipping them on non-boundary bytes saves more than the per-stage sync costs) and
-        the model is big enough for that to matter (>= 50M parameters); small models fuse."""
+        the model is big enough for that to matter (>= 50M parameters); small models fuse on a GPU.
+        On the CPU every model splits: there the fused step (inner levels every byte, each state
+        kept or not with a broadcast `where`) measured 2-4x slower than split for the bundled 5M
+        model at batch 1 and 4 (bench/bench_decode.py, issue 24)."""
         if self.step_mode not in STEP_MODES:
             raise HNetError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.step_mode != "auto":
             return self.step_mode
         if self.config.num_stages == 0:
             return "fused"
+        if mx.default_device() == mx.cpu:
+            return "split"
         if self._inner_share is None:
             sizes = {k: v.size for k, v in tree_flatten(self.parameters())}
             total = sum(sizes.values())
