@@ -1,13 +1,18 @@
-"""The decode step's thread policy (hnet_torch/threads.py): small matrices step on one thread,
-large ones keep torch's setting, and the process-wide setting is restored after every step."""
+"""The decode step's thread policy (hnet_core/step_threads.py, hnet_torch/threads.py): small
+matrices step on one thread, large ones keep torch's setting, and the process-wide setting is
+restored after every step."""
 
+import pytest
 import torch
-import torch.nn as nn
 
+from hnet_core import step_threads
+from hnet_core.config import HNetConfig
+from hnet_core.official import official_config
 from hnet_core.tokenizer import encode
 from hnet_torch import threads
+from hnet_torch.lm import HNetForCausalLM
 
-from conftest import TEXT, config_2stage, random_torch_model
+from conftest import TEXT, config_1stage, config_2stage, config_3stage, random_torch_model
 
 
 def threads_seen_by_step(model, monkeypatch) -> list[int]:
@@ -22,7 +27,7 @@ def threads_seen_by_step(model, monkeypatch) -> list[int]:
 
 
 def test_small_model_steps_on_one_thread_and_restores_the_setting(monkeypatch):
-    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.delenv(step_threads.ENV, raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -33,16 +38,23 @@ def test_small_model_steps_on_one_thread_and_restores_the_setting(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_large_matrices_keep_every_thread():
-    big = nn.Linear(4096, 1024, bias=False)  # 4M elements: the parallel threshold
-    small = nn.Linear(1024, 1023, bias=False)
-    assert threads.step_thread_count(small) == 1
-    assert threads.step_thread_count(big) == torch.get_num_threads()
+@pytest.mark.parametrize("make_config", [config_1stage, config_2stage, config_3stage])
+def test_largest_matrix_estimate_matches_the_built_model(make_config):
+    config = make_config()
+    model = HNetForCausalLM(config, device="meta")
+    largest = max(p.numel() for p in model.parameters() if p.dim() >= 2)
+    assert step_threads.largest_matrix_elements(config) == largest
+
+
+def test_official_sizes_step_in_parallel_and_the_bundled_model_does_not():
+    bundled = HNetConfig.from_json("hnet_core/demo_model/config.json")
+    assert not step_threads.steps_in_parallel(bundled)
+    assert step_threads.steps_in_parallel(official_config("hnet_2stage_XL"))
 
 
 def test_environment_overrides_the_choice(monkeypatch):
     model = random_torch_model(config_2stage())
-    monkeypatch.setenv(threads.ENV, "2")
+    monkeypatch.setenv(step_threads.ENV, "2")
     before = torch.get_num_threads()
     try:
         assert threads_seen_by_step(model, monkeypatch) == [2]
