@@ -31,6 +31,7 @@ import onnxruntime as ort
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
+from hnet_core.step_threads import steps_in_parallel
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -127,6 +128,7 @@ class OnnxHNet:
         self.max_seqlen = int(self.meta["max_seqlen"])
         self.dtype = self.meta["dtype"]
         self.num_stages = self.config.num_stages
+        self._step_parallel = steps_in_parallel(self.config)
         providers, self.device = _providers(provider)
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.quantization = self.meta.get("quantization")
@@ -159,6 +161,14 @@ class OnnxHNet:
         options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
         if self._threads:
             options.intra_op_num_threads = int(self._threads)
+        elif name != "prefill" and name != "extend" and not self._step_parallel:
+            # A step multiplies one row per sample: small matrices run on one thread
+            # (hnet_core/step_threads.py; a second thread collapses when another process is busy).
+            options.intra_op_num_threads = 1
+        if name != "prefill" and name != "extend":
+            # Spinning threads wait for work by burning a core; between decode steps (Python,
+            # sampling) and on a busy machine that core is taken from someone who needs it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         prepack = self.prepack
         if prepack is None:
             prepack = self.quantization is not None or name != "prefill"

@@ -90,6 +90,8 @@ def load_model(backend: str, path: str, config: str | None = None, dtype: str | 
     onnx_api = _import("hnet_export", backend)
     if config is not None or dtype is not None:
         raise HNetError("the onnx backend reads its settings from the exported directory; --config/--dtype apply at export time")
+    if os.path.abspath(path) == DEMO_MODEL:  # the bundled model's export, built on first use, then cached
+        path = importlib.import_module("hnet_export.cache").bundled_export()
     model = onnx_api.OnnxHNet(path, provider=device or "auto")
     return LoadedModel(backend, model, onnx_api.stream_generate, _rss_peak)
 
