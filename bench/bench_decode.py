@@ -76,7 +76,7 @@ def sample_rows(batch: int, length: int) -> list[bytes]:
 # -- one measurement, in its own process -------------------------------------------------------
 
 
-def _open(backend: str, path: str):
+def _open(backend: str, path: str, batch: int):
     """(prefill(ids) -> boundaries per stage, step(ids) -> same, sync) for one backend."""
     if backend == "torch":
         import torch
@@ -115,6 +115,7 @@ def _open(backend: str, path: str):
     from export.runtime import OnnxHNet
 
     model = OnnxHNet(path)
+    model.warm_up(batch)  # as `hnet generate` does: the step session is created at load
 
     def counts(out):
         return [int(np.asarray(r.boundary_mask).sum()) for r in out.routing]
@@ -128,7 +129,7 @@ def measure(backend: str, path: str, batch: int, prompt: int, steps: int) -> dic
 
     rows = sample_rows(batch, prompt + steps + 1)
     t0 = time.perf_counter()
-    prefill, step = _open(backend, path)
+    prefill, step = _open(backend, path, batch)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
     prefill([list(r[:prompt]) for r in rows])

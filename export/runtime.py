@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
-from hnet_core.step_threads import steps_in_parallel
+from hnet_core.step_threads import ENV as STEP_THREADS_ENV, steps_in_parallel
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -159,13 +159,17 @@ class OnnxHNet:
     def _session_options(self, name: str) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
+        step = name in ("step", "step_cond")
+        forced = os.environ.get(STEP_THREADS_ENV, "").strip()
         if self._threads:
             options.intra_op_num_threads = int(self._threads)
-        elif name != "prefill" and name != "extend" and not self._step_parallel:
+        elif step and forced.isdigit():  # 0: onnxruntime's own choice
+            options.intra_op_num_threads = int(forced)
+        elif step and not self._step_parallel:
             # A step multiplies one row per sample: small matrices run on one thread
             # (hnet_core/step_threads.py; a second thread collapses when another process is busy).
             options.intra_op_num_threads = 1
-        if name != "prefill" and name != "extend":
+        if step:
             # Spinning threads wait for work by burning a core; between decode steps (Python,
             # sampling) and on a busy machine that core is taken from someone who needs it.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -275,6 +279,15 @@ class OnnxHNet:
         self._capacity = min(self.max_seqlen, max(2 * self._capacity, self._position + 1))
         for name in self._growable:
             self._states[name] = self._pad_slots(self._states[name], self._capacity)
+
+    def warm_up(self, batch: int = 1) -> None:
+        """Create now the step session that decoding `batch` samples will use (creating it costs
+        about a second for the bundled model, otherwise paid by the first decode step)."""
+        before, self._batch = self._batch, batch
+        try:
+            self._session_for_step()
+        finally:
+            self._batch = before
 
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
