@@ -4,10 +4,11 @@
     python -m bench.bench_decode --rows 1stage_100M hnet_1stage_L --backends torch onnx
 
 Every (model, backend, batch) runs in its own process, twice: on an idle machine and while a
-busy-loop child this script starts (and stops) keeps one core busy. Each process loads the model,
-prefills `--prompt` bytes of real text per sample, takes one first step, then teacher-forces
-`--steps` more bytes (never a repeated byte) and reports load time, prefill B/s, first-step time,
-decode B/s, the boundaries each routing stage took, and its peak RSS.
+busy-loop child this script starts (and stops) keeps one core busy. Each process loads the model
+and prefills 16 bytes (load time: both, so first-call costs such as kernel compilation count
+there), prefills `--prompt` bytes of real text per sample (prefill B/s), takes one first step
+(first-step time), then teacher-forces `--steps` more bytes, never a repeated byte (decode B/s),
+and reports the boundaries each routing stage took and its peak RSS (VmHWM).
 
 The limits beside each row come from the same run. A byte reads the outer level's weights every
 step but an inner level's only when the step reaches it (a boundary at every stage above it; at
@@ -124,12 +125,26 @@ def _open(backend: str, path: str, batch: int):
             lambda ids: counts(model.step(np.asarray(ids, dtype=np.int64))))
 
 
-def measure(backend: str, path: str, batch: int, prompt: int, steps: int) -> dict:
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss over from the parent through fork and exec (here: the bandwidth test's 256 MB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+
+
+def measure(backend: str, path: str, batch: int, prompt: int, steps: int) -> dict:
     rows = sample_rows(batch, prompt + steps + 1)
     t0 = time.perf_counter()
     prefill, step = _open(backend, path, batch)
+    prefill([list(r[:16]) for r in rows])  # warm-up: first-call costs (kernel choice, compilation) go to load
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
     prefill([list(r[:prompt]) for r in rows])
@@ -144,7 +159,7 @@ def measure(backend: str, path: str, batch: int, prompt: int, steps: int) -> dic
         reached = [0] * len(counts) if reached is None else reached
         reached = [n + (c > 0) for n, c in zip(reached, counts)]
     decode_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KB
+    peak = peak_rss()
     return {"load_s": load, "prefill_Bps": batch * prompt / prefill_s, "first_step_s": first,
             "decode_Bps": batch * steps / decode_s, "step_s": decode_s / steps,
             "reached": [n / steps for n in reached or []], "peak_rss": peak}
