@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -104,11 +105,16 @@ def bundled_export(log: Callable[[str], None] | None = None) -> str:
     (log or (lambda m: print(m, file=sys.stderr)))(f"building the bundled model's ONNX export once, into {target}")
     progress = _Progress(4, "hnet export onnx")
     os.makedirs(folder, exist_ok=True)
+    quiet = logging.getLogger("torch.onnx")  # its warnings (e.g. "torchvision is not installed") break the bar
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         export_model(load_pretrained(DEMO_MODEL, dtype="float32"), target, log=progress)
     except HNetError:
         if not os.path.exists(os.path.join(target, "export.json")):  # another process may have just written it
             raise
+    finally:
+        quiet.setLevel(level)
     progress.finish()
     for name in os.listdir(folder):  # exports of older weights or exporters are never read again
         if name.startswith("demo_model-") and os.path.join(folder, name) != target:

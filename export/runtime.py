@@ -137,6 +137,7 @@ class OnnxHNet:
         self.prepack = prepack
         self._threads, self._providers = threads, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
+        self._output_names: dict[int, list[str]] = {}  # id(session) -> its output names
         for file in self.meta["graphs"].values():
             if not os.path.exists(os.path.join(path, file)):
                 raise HNetError(f"{os.path.join(path, file)} not found; re-export the model with `hnet export onnx`")
@@ -347,7 +348,9 @@ class OnnxHNet:
     def _run_stateful(self, session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list:
         """Run a graph that maps past.* states to present.* states; keep the new states, return the
         logits and routing outputs (host arrays) first, as the graph lists them."""
-        names = [o.name for o in session.get_outputs()]
+        names = self._output_names.get(id(session))
+        if names is None:  # get_outputs() builds new objects every call: once per session, not per byte
+            names = self._output_names[id(session)] = [o.name for o in session.get_outputs()]
         first_state = 1 + 3 * self.num_stages
         if self.io_binding:
             binding = session.io_binding()
