@@ -31,7 +31,9 @@ from mlx.utils import tree_flatten
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.prompt_cache import check_config
+from hnet_core.step_threads import steps_in_parallel
 
+from . import blas
 from .cache import HNetState, InferenceCache, isotropic_states, reserve, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
@@ -65,6 +67,7 @@ class HNetForCausalLM(nn.Module):
         self.compile_step = True
         object.__setattr__(self, "_step_fns", {})  # key -> compiled step function; not a parameter
         object.__setattr__(self, "_inner_share", None)
+        object.__setattr__(self, "_step_blas_threads", False)  # BLAS threads per step: 1 or None (all)
 
     # -- construction helpers ----------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class HNetForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, input_ids, mask=None, cu_seqlens=None, cache: InferenceCache | None = None) -> CausalLMOutput:
+        blas.set_threads(None)  # many rows per matrix: every BLAS thread (a decode step may have set one)
         input_ids = self._check_ids(input_ids)
         B, L = input_ids.shape
         if L == 0:
@@ -217,6 +221,10 @@ class HNetForCausalLM(nn.Module):
         if cache.max_seqlen is not None and cache.max_length >= cache.max_seqlen:
             raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache, "
                             "or one without max_seqlen (it grows)")
+        # Small matrices multiply on one BLAS thread (hnet_core/step_threads.py).
+        if self._step_blas_threads is False:  # decided once, from the shapes
+            object.__setattr__(self, "_step_blas_threads", None if steps_in_parallel(self.config) else 1)
+        blas.set_threads(self._step_blas_threads)
         # Growing happens here, outside the compiled step (a new cache shape retraces it).
         for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
             reserve(stack, stack.max_length + 1)

@@ -60,3 +60,24 @@ def test_environment_overrides_the_choice(monkeypatch):
         assert threads_seen_by_step(model, monkeypatch) == [2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_mlx_small_model_steps_on_one_blas_thread_and_prefill_on_all():
+    mx = pytest.importorskip("mlx.core")
+    from hnet_mlx import blas
+
+    from mlx_helpers import mlx_from_torch
+
+    if blas.get_threads() is None:
+        pytest.skip("MLX uses no OpenBLAS here")
+    model = mlx_from_torch(random_torch_model(config_2stage()))
+    before = blas.get_threads()
+    if before < 2:
+        pytest.skip("OpenBLAS runs one thread here")
+    cache = model.allocate_inference_cache(batch_size=1)
+    mx.eval(model(mx.array([encode(TEXT[:20])]), cache=cache).logits)
+    assert blas.get_threads() == before
+    mx.eval(model.step(mx.array([[65]]), cache).logits)
+    assert blas.get_threads() == 1
+    mx.eval(model(mx.array([encode(TEXT[:20])])).logits)
+    assert blas.get_threads() == before
