@@ -31,6 +31,7 @@ import onnxruntime as ort
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.io import read_json
+from hnet_core.step_threads import ENV as STEP_THREADS_ENV, steps_in_parallel
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -123,6 +124,7 @@ class OnnxHNet:
         self.max_seqlen = int(self.meta["max_seqlen"])
         self.dtype = self.meta["dtype"]
         self.num_stages = self.config.num_stages
+        self._step_parallel = steps_in_parallel(self.config)
         providers, self.device = _providers(provider)
         self.io_binding = self.device == "cuda" if io_binding is None else bool(io_binding)
         self.quantization = self.meta.get("quantization")
@@ -131,6 +133,7 @@ class OnnxHNet:
         self.prepack = prepack
         self._threads, self._providers = threads, providers
         self.sessions: dict[str, ort.InferenceSession] = {}
+        self._output_names: dict[int, list[str]] = {}  # id(session) -> its output names
         for file in self.meta["graphs"].values():
             if not os.path.exists(os.path.join(path, file)):
                 raise HNetError(f"{os.path.join(path, file)} not found; re-export the model with `hnet export onnx`")
@@ -153,8 +156,20 @@ class OnnxHNet:
     def _session_options(self, name: str) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the CPU provider warns about nodes it cannot pre-fold
+        step = name in ("step", "step_cond")
+        forced = os.environ.get(STEP_THREADS_ENV, "").strip()
         if self._threads:
             options.intra_op_num_threads = int(self._threads)
+        elif step and forced.isdigit():  # 0: onnxruntime's own choice
+            options.intra_op_num_threads = int(forced)
+        elif step and not self._step_parallel:
+            # A step multiplies one row per sample: small matrices run on one thread
+            # (hnet_core/step_threads.py; a second thread collapses when another process is busy).
+            options.intra_op_num_threads = 1
+        if step:
+            # Spinning threads wait for work by burning a core; between decode steps (Python,
+            # sampling) and on a busy machine that core is taken from someone who needs it.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         prepack = self.prepack
         if prepack is None:
             prepack = self.quantization is not None or name != "prefill"
@@ -262,6 +277,15 @@ class OnnxHNet:
         for name in self._growable:
             self._states[name] = self._pad_slots(self._states[name], self._capacity)
 
+    def warm_up(self, batch: int = 1) -> None:
+        """Create now the step session that decoding `batch` samples will use (creating it costs
+        about a second for the bundled model, otherwise paid by the first decode step)."""
+        before, self._batch = self._batch, batch
+        try:
+            self._session_for_step()
+        finally:
+            self._batch = before
+
     def _session_for_step(self) -> ort.InferenceSession:
         variant = self.step_variant
         if variant == "auto":
@@ -320,7 +344,9 @@ class OnnxHNet:
     def _run_stateful(self, session: ort.InferenceSession, inputs: dict[str, np.ndarray]) -> list:
         """Run a graph that maps past.* states to present.* states; keep the new states, return the
         logits and routing outputs (host arrays) first, as the graph lists them."""
-        names = [o.name for o in session.get_outputs()]
+        names = self._output_names.get(id(session))
+        if names is None:  # get_outputs() builds new objects every call: once per session, not per byte
+            names = self._output_names[id(session)] = [o.name for o in session.get_outputs()]
         first_state = 1 + 3 * self.num_stages
         if self.io_binding:
             binding = session.io_binding()

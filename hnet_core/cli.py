@@ -260,9 +260,7 @@ def generate(backend, model_path, config, prompts, dtype, device, **kw):
 
     prompts = read_prompts(prompts)
     if model_path is None:
-        if backend == "onnx":
-            raise HNetError("--backend onnx needs --model: a directory written by `hnet export onnx`")
-        model_path = DEMO_MODEL
+        model_path = DEMO_MODEL  # for onnx: its export, built once into the user's cache (backends.py)
     loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device)
     run_generation(loaded, prompts, **kw)
 

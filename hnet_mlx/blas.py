@@ -101,3 +101,45 @@ def preload(quiet: bool = False) -> str:
 def describe() -> str:
     """One line for -v output: which BLAS MLX's CPU matmuls use in this process."""
     return f"BLAS: {status}"
+
+
+# -- threads ------------------------------------------------------------------------------------
+
+_openblas_lib: ctypes.CDLL | None | bool = False  # False: not looked up yet
+_default_threads: int | None = None
+_current_threads: int | None = None
+
+
+def _openblas() -> ctypes.CDLL | None:
+    global _openblas_lib
+    if _openblas_lib is False:
+        path = _loaded_path("libopenblas")
+        lib = ctypes.CDLL(path) if path else None
+        _openblas_lib = lib if lib is not None and hasattr(lib, "openblas_set_num_threads") else None
+    return _openblas_lib
+
+
+def set_threads(n: int | None) -> None:
+    """OpenBLAS threads for the matmuls that follow (None: OpenBLAS's own default); nothing without
+    OpenBLAS. The decode step of a small model runs on one thread (hnet_core/step_threads.py: a
+    second thread waits for a busy core), prefill on all. Pending work is finished before a change,
+    since MLX runs matmuls on its own thread and the setting is process-wide."""
+    global _default_threads, _current_threads
+    lib = _openblas()
+    if lib is None:
+        return
+    if _default_threads is None:
+        _default_threads = _current_threads = int(lib.openblas_get_num_threads())
+    want = _default_threads if n is None else n
+    if want != _current_threads:
+        import mlx.core as mx
+
+        mx.synchronize()
+        lib.openblas_set_num_threads(want)
+        _current_threads = want
+
+
+def get_threads() -> int | None:
+    """OpenBLAS's current thread count (None without OpenBLAS)."""
+    lib = _openblas()
+    return None if lib is None else int(lib.openblas_get_num_threads())

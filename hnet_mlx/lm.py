@@ -31,7 +31,9 @@ from mlx.utils import tree_flatten
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.prompt_cache import check_config
+from hnet_core.step_threads import steps_in_parallel
 
+from . import blas
 from .cache import HNetState, InferenceCache, isotropic_states, reserve, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
@@ -65,6 +67,7 @@ class HNetForCausalLM(nn.Module):
         self.compile_step = True
         object.__setattr__(self, "_step_fns", {})  # key -> compiled step function; not a parameter
         object.__setattr__(self, "_inner_share", None)
+        object.__setattr__(self, "_step_blas_threads", False)  # BLAS threads per step: 1 or None (all)
 
     # -- construction helpers ----------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class HNetForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def __call__(self, input_ids, mask=None, cu_seqlens=None, cache: InferenceCache | None = None) -> CausalLMOutput:
+        blas.set_threads(None)  # many rows per matrix: every BLAS thread (a decode step may have set one)
         input_ids = self._check_ids(input_ids)
         B, L = input_ids.shape
         if L == 0:
@@ -217,6 +221,10 @@ class HNetForCausalLM(nn.Module):
         if cache.max_seqlen is not None and cache.max_length >= cache.max_seqlen:
             raise HNetError(f"generation reached the cache's max_seqlen {cache.max_seqlen}; allocate a larger cache, "
                             "or one without max_seqlen (it grows)")
+        # Small matrices multiply on one BLAS thread (hnet_core/step_threads.py).
+        if self._step_blas_threads is False:  # decided once, from the shapes
+            object.__setattr__(self, "_step_blas_threads", None if steps_in_parallel(self.config) else 1)
+        blas.set_threads(self._step_blas_threads)
         # Growing happens here, outside the compiled step (a new cache shape retraces it).
         for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
             reserve(stack, stack.max_length + 1)
@@ -239,13 +247,18 @@ class HNetForCausalLM(nn.Module):
     def resolve_step_mode(self, cache: InferenceCache) -> str:
         """"fused" or "split" for this cache. "auto" splits when the inner levels hold most of the
         weights (skipping them on non-boundary bytes saves more than the per-stage sync costs) and
-        the model is big enough for that to matter (>= 50M parameters); small models fuse."""
+        the model is big enough for that to matter (>= 50M parameters); small models fuse on a GPU.
+        On the CPU every model splits: there the fused step (inner levels every byte, each state
+        kept or not with a broadcast `where`) measured 2-4x slower than split for the bundled 5M
+        model at batch 1 and 4 (bench/bench_decode.py, issue 24)."""
         if self.step_mode not in STEP_MODES:
             raise HNetError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.step_mode != "auto":
             return self.step_mode
         if self.config.num_stages == 0:
             return "fused"
+        if mx.default_device() == mx.cpu:
+            return "split"
         if self._inner_share is None:
             sizes = {k: v.size for k, v in tree_flatten(self.parameters())}
             total = sum(sizes.values())

@@ -207,7 +207,9 @@ def ssm_step(
     Ch = mx.repeat(C.astype(F32), h // g, axis=1)
     xf = x.astype(F32)
     new_state = state * dA[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
-    y = (new_state @ Ch[..., None])[..., 0] + D.astype(F32)[:, None] * xf
+    # A product and a sum, not a (p, n) @ (n, 1) batched matmul: b*h tiny matmuls cost far more
+    # in BLAS call overhead than the work itself.
+    y = (new_state * Ch[:, :, None, :]).sum(-1) + D.astype(F32)[:, None] * xf
     return y, new_state
 
 

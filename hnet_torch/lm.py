@@ -26,6 +26,7 @@ from hnet_core.prompt_cache import check_config
 from .cache import InferenceCache, isotropic_states, reserve
 from .hnet import HNet
 from .routing import RoutingOutput
+from .threads import step_threads
 
 
 @dataclass
@@ -176,8 +177,10 @@ class HNetForCausalLM(nn.Module):
         for stack in stacks:  # every stack may take one more position (a bound: inner ones only on boundaries)
             reserve(stack, stack.max_length + 1)
             stack.max_length += 1
-        h = self.embeddings(input_ids.long())
-        h, routing = self.backbone.step(h, cache.backbone)
+        with step_threads(self):  # one thread for small matrices: see threads.py
+            h = self.embeddings(input_ids.long())
+            h, routing = self.backbone.step(h, cache.backbone)
+            logits = self.lm_head(h)
         for r in routing:  # step outputs are (B,): give them the (B, 1) shape of a length-1 forward
             r.boundary_prob, r.boundary_mask, r.selected_probs = (
                 r.boundary_prob[:, None], r.boundary_mask[:, None], r.selected_probs[:, None])
@@ -185,7 +188,7 @@ class HNetForCausalLM(nn.Module):
                 r.valid = r.valid[:, None]
         cache.lengths = cache.lengths + 1
         cache.max_length += 1
-        return CausalLMOutput(logits=self.lm_head(h), routing=routing, cache=cache)
+        return CausalLMOutput(logits=logits, routing=routing, cache=cache)
 
     @staticmethod
     def _check_cu_seqlens(cu_seqlens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

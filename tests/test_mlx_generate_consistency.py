@@ -97,9 +97,17 @@ def test_every_step_mode_compiled_or_not_gives_the_same_outputs(model):
         assert np.abs(value - results["fused", True]).max() <= 1e-6, key
 
 
-def test_auto_step_mode_fuses_small_models(model):
+def test_auto_step_mode_fuses_small_models_on_a_gpu_and_splits_on_the_cpu(model):
     cache = model.allocate_inference_cache(batch_size=1, max_seqlen=8)
-    assert model.resolve_step_mode(cache) == "fused"
+    before = mx.default_device()
+    try:
+        mx.set_default_device(mx.cpu)
+        assert model.resolve_step_mode(cache) == "split"
+        if mx.metal.is_available():
+            mx.set_default_device(mx.gpu)
+            assert model.resolve_step_mode(cache) == "fused"
+    finally:
+        mx.set_default_device(before)
     model.step_mode = "sometimes"
     with pytest.raises(HNetError, match="step_mode"):
         model.resolve_step_mode(cache)
