@@ -234,8 +234,8 @@ def convention_problems(page: str) -> list[str]:
     for fence in fences:
         where = f"{page}:{fence.line}"
         if fence.lang in RUNNABLE_ALIASES:
-            label = fence.lang or "unlabelled"
-            problems.append(f"{where}: a {label} fence; label commands bash or python (run by the tests) "
+            label = f"labelled {fence.lang!r}" if fence.lang else "with no label"
+            problems.append(f"{where}: a fence {label}; label commands bash or python (run by the tests) "
                             "and output text")
         for marker in (NOT_RUN, SLOW):
             if fence.above.startswith(marker):
@@ -289,3 +289,24 @@ def broken_links(page: str) -> list[str]:
 def test_docs_links_point_at_existing_files_and_headings():
     problems = [p for page in doc_pages() for p in broken_links(page)]
     assert not problems, "\n".join(problems)
+
+
+def test_the_checks_catch_unlabelled_fences_stray_markers_and_dead_links(tmp_path, monkeypatch):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_text("# A, b: c\n````bash\n```\n# not a heading\n````\n")
+    (tmp_path / "README.md").write_text(
+        "[x](docs/x.md#a-b-c) [y](docs/x.md#not-a-heading) [z](docs/gone.md)\n\n"
+        "```\nunlabelled\n```\n\nNot run by the tests:\n```bash\nexit 1\n```\n\n"
+        "Slow: a blank line follows\n\n```python\nprint(1)\n```\n\nNot run by the tests: why\n```text\nout\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert [b.code for b in read_blocks("docs/x.md")] == ["```\n# not a heading\n"]  # a longer fence nests
+    assert convention_problems("README.md") == [
+        "README.md:3: a fence with no label; label commands bash or python (run by the tests) and output text",
+        "README.md:8: 'Not run by the tests:' without a reason",
+        "README.md:19: 'Not run by the tests:' above a text fence, which is never run",
+        "README.md:12: a marker line that is not directly above a fence",
+    ]
+    assert broken_links("README.md") == [
+        "README.md: link to docs/x.md#not-a-heading: no such heading",
+        "README.md: link to docs/gone.md: no such file",
+    ]
