@@ -211,8 +211,10 @@ def page_runs(tmp_path_factory) -> PageRuns:
 
 
 def block_params():
+    grouped = importlib.util.find_spec("xdist") is not None
     for b in ALL_BLOCKS:
-        marks = []
+        # Under pytest-xdist's --dist loadgroup a page stays on one worker, which then runs its chain once.
+        marks = [pytest.mark.xdist_group(b.page)] if grouped else []
         if b.not_run is not None:
             marks.append(pytest.mark.skip(reason=f"{NOT_RUN} {b.not_run}"))
         elif b.slow is not None:
