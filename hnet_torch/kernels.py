@@ -196,7 +196,7 @@ def _why_not(path: str, impl: str, x: torch.Tensor, needs_grad: bool = False) ->
             if error is not None:
                 return error
             if module is None:
-                return f"{impl} is not installed (pip install 'hnet-mlx[cuda-source]', see README)"
+                return f"{impl} is not installed (pip install 'hnet-mlx[cuda-source]', see docs/gpu.md)"
         if impl == "flash_attn" and x.dtype not in (torch.float16, torch.bfloat16):
             return f"flash_attn runs fp16/bf16 only, this tensor is {x.dtype} (use attention='flex' or 'sdpa')"
     if impl in ("compiled", "flex") and x.device.type in ("cuda", "cpu"):

@@ -364,9 +364,9 @@ def train(config_path: str | None, model_path: str | None, data: str, out: str, 
 @click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters/gradients/optimizer state (FSDP2).")
 @click.option("--kernels", default="auto", show_default=True,
               help="Implementation of each path: auto, off (pure PyTorch + masked SDPA), on (mamba_ssm, "
-                   "causal_conv1d, flash_attn), or e.g. scan=compiled,conv=pure,attention=flex (README: GPU training).")
+                   "causal_conv1d, flash_attn), or e.g. scan=compiled,conv=pure,attention=flex (docs/gpu.md).")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="torch.compile the model's blocks (auto: on CUDA only; refused on CPU, see README).")
+              help="torch.compile the model's blocks (auto: on CUDA only; refused on CPU, see docs/gpu.md).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
 @click.pass_context
 def train_command(ctx, config_path, model_path, data, out, resume, restart_data, stop_at, time_limit, device, fsdp,

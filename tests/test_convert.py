@@ -184,9 +184,9 @@ def test_quantized_model_loads_without_flags_and_stays_close_to_fp32(tmp_path, m
     assert relative_error(lq, lr, everywhere) <= REL_TOL[bits]
     assert kl_divergence(lq, lr).mean() <= MAX_KL[bits]
     flips = sum(int((np_(a.boundary_mask) != np_(b.boundary_mask)).sum()) for a, b in zip(ref.routing, out.routing))
-    if bits == 8:  # README: 8-bit makes no boundary changes
+    if bits == 8:  # docs/checkpoints.md: 8-bit makes no boundary changes
         assert flips == 0
-    else:  # README: 4-bit flips 1-3% of boundaries
+    else:  # docs/checkpoints.md: 4-bit flips 1-3% of boundaries
         assert flips <= 0.05 * ids.size
     generated = greedy_bytes(model, "The old")
     assert_decodes_like_its_forward(model, "The old", generated)

@@ -46,7 +46,7 @@ def server():
            "--trust-remote-code", "--host", HOST, "--port", str(port), "--log-level", "WARNING"]
     env = dict(os.environ)
     if sys.platform.startswith("linux") and ctypes.util.find_library("openblas"):
-        env["LD_PRELOAD"] = "libopenblas.so.0"  # as the README tells Linux users (mlx-lm imports mlx first)
+        env["LD_PRELOAD"] = "libopenblas.so.0"  # as docs/mlx-lm.md tells Linux users (mlx-lm imports mlx first)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 300
     while True:
