@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..engine import DEFAULT_PREFILL_STEP
 from ..sampling import Sampler, SamplingParams
 from ..streaming import TextStream
 from ..tokenizer import BOS_ID
@@ -89,7 +90,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, backend: Any, max_batch: int = 8, max_queue: int = 64, prefill_step_size: int = 2048):
+    def __init__(self, backend: Any, max_batch: int = 8, max_queue: int = 64, prefill_step_size: int = DEFAULT_PREFILL_STEP):
         self.backend = backend
         self.max_batch, self.max_queue, self.prefill_step_size = max_batch, max_queue, prefill_step_size
         self.waiting: deque[Job] = deque()
