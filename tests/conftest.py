@@ -109,6 +109,32 @@ def onnx_export(tmp_path_factory):
     return get
 
 
+JS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export", "js")
+
+
+@pytest.fixture(scope="session")
+def js_packages() -> str:
+    """export/js with its locked npm packages installed (`npm ci` once, when node_modules lacks them), so
+    one `python -m pytest` also runs the JavaScript tests on a fresh clone. Skips, saying why, where node
+    or npm is missing. Under pytest-xdist a file lock keeps two workers from running npm ci at once."""
+    import fcntl
+    import shutil
+    import subprocess
+
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: the JavaScript runtime tests (export/js) need Node.js 18+")
+    with open(os.path.join(JS_DIR, "package-lock.json")) as lock:  # tracked, so always there to lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(os.path.join(JS_DIR, "node_modules", "onnxruntime-node")):
+            # onnxruntime-node's install script would download CUDA binaries; its CPU ones ship in the package.
+            run = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=JS_DIR,
+                                 env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}, capture_output=True,
+                                 text=True, timeout=600)
+            assert run.returncode == 0, f"npm ci in export/js failed:\n{run.stdout}\n{run.stderr}"
+    return JS_DIR
+
+
 @pytest.fixture(params=sorted(SMALL_CONFIGS))
 def small_config(request) -> HNetConfig:
     return SMALL_CONFIGS[request.param]()
