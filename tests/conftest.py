@@ -93,12 +93,17 @@ def onnx_export(tmp_path_factory):
     """export(config name, **export_model options) -> (torch model, export directory): the random model
     of `random_torch_model(config, seed=3)`, exported once per session for each set of options, so
     test modules that need the same export share it (an export takes most of a minute)."""
+    import inspect
+
     from hnet_export.exporter import export_model
 
     cache: dict = {}
+    defaults = {k: p.default for k, p in inspect.signature(export_model).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     def get(name: str, **options):
-        key = (name, tuple(sorted(options.items())))
+        # Options spelled out at their default value name the same export as options left out.
+        key = (name, tuple(sorted({**defaults, **options}.items())))
         if key not in cache:
             model = random_torch_model(SMALL_CONFIGS[name](), seed=3)
             out = str(tmp_path_factory.mktemp("onnx") / name)
@@ -133,6 +138,22 @@ def js_packages() -> str:
                                  text=True, timeout=600)
             assert run.returncode == 0, f"npm ci in export/js failed:\n{run.stdout}\n{run.stderr}"
     return JS_DIR
+
+
+# Session fixtures that cost most of a minute each. Under pytest-xdist (on by default, pyproject.toml's
+# addopts; `-n 0` turns it off) every worker would build its own copy, so the tests that use one run on
+# one worker (xdist_group, scheduled by --dist loadgroup). A new test asking for these fixtures is
+# grouped with their other users automatically.
+SHARED_EXPORT_FIXTURES = ("official_onnx_export", "onnx_export")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in SHARED_EXPORT_FIXTURES:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(name))
+                break
 
 
 @pytest.fixture(params=sorted(SMALL_CONFIGS))
