@@ -7,6 +7,7 @@ and stages of equal width, and tiny SSD chunks so multi-chunk state passing runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -66,6 +67,26 @@ def one_torch_thread():
 OFFICIAL_ONNX_UMASK = 0o027
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """(directory, done) for an artefact shared by the whole run: under pytest-xdist (-n 2 by default)
+    every worker would build its own copy of a session fixture, so the workers share one directory of the
+    run, and a file lock lets the first build it while another waits for it; `done` is False until built.
+    The caller builds into `directory` when not done and returns; the lock is released afterwards."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above each worker's own
+    directory = base / "shared" / name
+    directory.parent.mkdir(exist_ok=True)
+    marker = base / "shared" / (name + ".done")
+    with open(base / "shared" / (name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield str(directory), marker.exists()
+        marker.touch()
+
+
 @pytest.fixture(scope="session")
 def official_onnx_export(tmp_path_factory) -> str:
     """The official fixture exported once through `hnet export onnx` (with step_cond.onnx), shared by the
@@ -74,18 +95,20 @@ def official_onnx_export(tmp_path_factory) -> str:
 
     from hnet_core.cli import main as hnet_main
 
-    out = str(tmp_path_factory.mktemp("onnx") / "fixture")
-    before = os.umask(OFFICIAL_ONNX_UMASK)  # test_onnx_fixture checks the written files' permissions against it
-    try:
-        result = CliRunner().invoke(hnet_main, [
-            "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
-            os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(OFFICIAL_ONNX_MAX_SEQLEN),
-            "--batch-variants",
-        ])
-    finally:
-        os.umask(before)
-    assert result.exit_code == 0, result.output
-    return out
+    with built_once(tmp_path_factory, "official_onnx") as (out, done):
+        if done:
+            return out
+        before = os.umask(OFFICIAL_ONNX_UMASK)  # test_onnx_fixture checks the written files' permissions against it
+        try:
+            result = CliRunner().invoke(hnet_main, [
+                "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
+                os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(OFFICIAL_ONNX_MAX_SEQLEN),
+                "--batch-variants",
+            ])
+        finally:
+            os.umask(before)
+        assert result.exit_code == 0, result.output
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -93,20 +116,53 @@ def onnx_export(tmp_path_factory):
     """export(config name, **export_model options) -> (torch model, export directory): the random model
     of `random_torch_model(config, seed=3)`, exported once per session for each set of options, so
     test modules that need the same export share it (an export takes most of a minute)."""
+    import hashlib
+    import inspect
+
     from hnet_export.exporter import export_model
 
     cache: dict = {}
+    defaults = {k: p.default for k, p in inspect.signature(export_model).parameters.items()
+                if p.default is not inspect.Parameter.empty}
 
     def get(name: str, **options):
-        key = (name, tuple(sorted(options.items())))
+        # Options spelled out at their default value name the same export as options left out.
+        key = (name, tuple(sorted({**defaults, **options}.items())))
         if key not in cache:
-            model = random_torch_model(SMALL_CONFIGS[name](), seed=3)
-            out = str(tmp_path_factory.mktemp("onnx") / name)
-            export_model(model, out, **options)
+            model = random_torch_model(SMALL_CONFIGS[name](), seed=3)  # seeded: every worker gets the same
+            with built_once(tmp_path_factory, "onnx_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]) as (out, done):
+                if not done:
+                    export_model(model, out, **options)
             cache[key] = (model, out)
         return cache[key]
 
     return get
+
+
+JS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export", "js")
+
+
+@pytest.fixture(scope="session")
+def js_packages() -> str:
+    """export/js with its locked npm packages installed (`npm ci` once, when node_modules lacks them), so
+    one `python -m pytest` also runs the JavaScript tests on a fresh clone. Skips, saying why, where node
+    or npm is missing. Under pytest-xdist a file lock keeps two workers from running npm ci at once."""
+    import fcntl
+    import shutil
+    import subprocess
+
+    for tool in ("node", "npm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed: the JavaScript runtime tests (export/js) need Node.js 18+")
+    with open(os.path.join(JS_DIR, "package-lock.json")) as lock:  # tracked, so always there to lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(os.path.join(JS_DIR, "node_modules", "onnxruntime-node")):
+            # onnxruntime-node's install script would download CUDA binaries; its CPU ones ship in the package.
+            run = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=JS_DIR,
+                                 env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}, capture_output=True,
+                                 text=True, timeout=600)
+            assert run.returncode == 0, f"npm ci in export/js failed:\n{run.stdout}\n{run.stderr}"
+    return JS_DIR
 
 
 @pytest.fixture(params=sorted(SMALL_CONFIGS))

@@ -3,8 +3,8 @@ byte what `hnet generate --backend onnx` prints (greedy and seeded, multi-byte U
 routing outputs equal OnnxHNet's, bad exports are one-line errors, and the page written by
 `hnet export onnx --web` generates the same text in headless chromium.
 
-Skips (with the reason) where node, export/js/node_modules (`npm ci`), or chromium + chromedriver +
-selenium are missing.
+Skips (with the reason) where node/npm, or chromium + chromedriver + selenium are missing; the locked npm
+packages are installed first when export/js/node_modules lacks them.
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JS_DIR = os.path.join(REPO, "export", "js")
 CLI = os.path.join(JS_DIR, "cli.mjs")
 NODE = shutil.which("node")
-NPM_HINT = "run `cd export/js && ONNXRUNTIME_NODE_INSTALL=skip npm ci`"
 
-pytestmark = [
-    pytest.mark.skipif(NODE is None, reason="node is not installed"),
-    pytest.mark.skipif(not os.path.isdir(os.path.join(JS_DIR, "node_modules", "onnxruntime-node")),
-                       reason=f"export/js has no node_modules; {NPM_HINT}"),
-]
+# Installs export/js's locked npm packages when they are missing (conftest.js_packages); skips without node/npm.
+pytestmark = pytest.mark.usefixtures("js_packages")
 
 # ASCII, 2-, 3- and 4-byte UTF-8 characters.
 PROMPTS = ["The old lighthouse keeper", "Ünïcödé ☃ 日本語 — \"quoted\" 🎉 ", "naïve café, señor: "]
