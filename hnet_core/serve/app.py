@@ -96,7 +96,10 @@ def create_app(scheduler: Scheduler, model_name: str, limits: Limits, api_key: s
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event) -> None:  # called from the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (shutdown outlasted its grace): nobody is listening
+                pass
 
         try:
             job = scheduler.submit(parsed.request, emit)
