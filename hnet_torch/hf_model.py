@@ -1,5 +1,8 @@
 """H-Net as a `transformers` causal LM: a thin adapter over HNetForCausalLM (no model code here).
 
+torch-only by design: transformers' PreTrainedModel and GenerationMixin are PyTorch classes, so
+hnet_mlx has no twin; MLX users reach the same directories through mlx-lm (hnet_mlx/mlx_lm_model.py).
+
 Every model directory we write names this class in config.json's `auto_map` (through the small
 `modeling_hnet.py` beside it, see hnet_core/mlx_lm_files.py), so
 

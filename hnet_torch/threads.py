@@ -2,6 +2,10 @@
 
 `step_threads(model)` runs one step with one thread unless the model's matrices are large enough
 for more; prefill (many rows per matrix) keeps torch's own setting. HNET_STEP_THREADS=N forces N.
+
+torch-only by design: torch owns its intra-op thread pool, so torch needs this switch. MLX runs its
+matmuls through OpenBLAS, whose thread count `hnet_mlx/blas.py` (`set_threads`) sets under the same
+policy, so hnet_mlx has no threads.py twin.
 """
 
 from __future__ import annotations
