@@ -10,8 +10,7 @@ Everything backends do the same way lives here, once:
   * sampling (hnet_core.sampling), UTF-8 streaming and stop strings (hnet_core.streaming), and the
     statistics `-v` prints (GenerationStats), in `stream_generate`.
 
-    from hnet_torch.generate import Adapter          # or hnet_mlx.generate / hnet_export.generate
-    adapter = Adapter(model)
+    adapter = load_model("torch", path).adapter       # hnet_core.backends; the core imports no backend
     for step in stream_generate(adapter, ["Hello"], max_tokens=64, sampling=SamplingParams(temperature=0)):
         print(step.texts[0], end="")
 
