@@ -53,9 +53,12 @@ def _positive(ctx, param, value):
 @click.option("--block-size", default=None, type=int,
               help="Weights per quantization block along the input axis, with --quantize: 16, 32, 64, 128 or "
                    "256.  [default: 32]")
+@click.option("--jobs", default=None, type=int, callback=_positive,
+              help="Processes tracing the graphs in parallel.  [default: one per core for models up to 256 MB of "
+                   "weights, else 1 (each process holds a copy of the weights)]")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output directory.")
 def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen, batch_variants, quantize, block_size,
-                 force):
+                 jobs, force):
     """Export prefill, extend and decode-step ONNX graphs (dynamic batch and length) plus their io.json, and/or a
     web page."""
     from hnet_core.backends import DEMO_MODEL
@@ -66,7 +69,7 @@ def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen,
         if out_dir is None and web_dir is None:
             raise HNetError("give --out DIR (the ONNX export), --web DIR (a web page running it), or both")
         if web_dir is None:
-            _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, quantize, block_size, force)
+            _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, quantize, block_size, force, jobs)
             return
         from .web import is_export_dir, ort_web_files, write_web
 
@@ -78,13 +81,14 @@ def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen,
                 raise HNetError("--model is already an ONNX export; --web copies it as it is (drop --out/--config)")
             sizes = write_web(web_dir, model_path, force=force)
         elif out_dir is not None:
-            _export(model_path, out_dir, config, opset, dtype, max_seqlen, True, quantize, block_size, force)
+            _export(model_path, out_dir, config, opset, dtype, max_seqlen, True, quantize, block_size, force, jobs)
             sizes = write_web(web_dir, out_dir, force=force)
         else:
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
-                _export(model_path, os.path.join(tmp, "onnx"), config, opset, dtype, max_seqlen, True, quantize, block_size, force)
+                _export(model_path, os.path.join(tmp, "onnx"), config, opset, dtype, max_seqlen, True, quantize, block_size,
+                        force, jobs)
                 sizes = write_web(web_dir, os.path.join(tmp, "onnx"), force=force)
     except HNetError as e:
         raise click.ClickException(str(e)) from None
@@ -92,13 +96,14 @@ def onnx_command(model_path, config, out_dir, web_dir, opset, dtype, max_seqlen,
                f"serve it with: python -m http.server -d {web_dir} 8000")
 
 
-def _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, quantize, block_size, force) -> None:
+def _export(model_path, out_dir, config, opset, dtype, max_seqlen, batch_variants, quantize, block_size, force,
+            jobs) -> None:
     from .exporter import DEFAULT_MAX_SEQLEN, DEFAULT_OPSET, export_onnx
 
     result = export_onnx(
         model_path, out_dir, config=config, opset=DEFAULT_OPSET if opset is None else opset, dtype=dtype,
         max_seqlen=DEFAULT_MAX_SEQLEN if max_seqlen is None else max_seqlen, batch_variants=batch_variants,
-        force=force, quantize=quantize, block_size=block_size, log=lambda msg: click.echo(msg, err=True),
+        force=force, quantize=quantize, block_size=block_size, log=lambda msg: click.echo(msg, err=True), jobs=jobs,
     )
     total = sum(result.files.values())
     click.echo(f"wrote {result.directory} ({total / 1e6:.1f} MB in {len(result.files)} files, {result.seconds:.0f} s)")

@@ -13,18 +13,18 @@ writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
                         tensors, versions of the exporter's packages
     io.json             every graph input and output: name, dtype, shape, meaning
 
-The graphs come from torch.onnx.export(dynamo=True) of graph.PrefillGraph / ExtendGraph / StepGraph (the
-TorchScript exporter bakes the data-dependent chunk counts into constants). This module imports
+The graphs come from one torch.export trace each of graph.PrefillGraph / ExtendGraph / StepGraph,
+translated by torch.onnx's dynamo exporter (capture.py; the TorchScript exporter bakes the
+data-dependent chunk counts into constants). This module imports
 torch; the runtime never imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,9 +39,8 @@ from hnet_core.errors import HNetError
 from hnet_torch.lm import HNetForCausalLM
 from hnet_torch.loading import load_pretrained
 
-from . import subgraphs
-from .graph import ExtendGraph, PrefillGraph, StepGraph
-from .layout import BATCH, KV_SLOTS, LENGTH, TensorSpec, graph_io
+from . import subgraphs, tracing
+from .layout import graph_io
 from .weights import LinearWeights, Quantization, check_quantization
 
 FORMAT_VERSION = 1  # additions since (quantization, weights) are optional keys older runtimes ignore
@@ -53,95 +52,12 @@ WEIGHTS_FILE = "weights.onnx.data"
 EXTERNAL_DATA_AUTO_BYTES = 64 << 20  # above 64 MiB the graphs share one weights file (not one copy each)
 _ALIGN = 4096  # every tensor in the weights file starts on a page, so readers can map it directly
 
-# Example sizes used for tracing. They only need to differ from 0 and 1 (torch.export specialises
-# those) and from each other; the graphs are traced symbolically and work for any size.
-_EXAMPLE_BATCH = 2
-_EXAMPLE_LENGTH = 37
-_EXAMPLE_SLOTS = 23
-
-
 @dataclass
 class ExportResult:
     directory: str
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
     seconds: float = 0.0
     external_data: bool = False
-
-
-def _dims(spec: TensorSpec) -> dict[int, str]:
-    return {i: a for i, a in enumerate(spec.shape) if isinstance(a, str)}
-
-
-def _example(spec: TensorSpec) -> torch.Tensor:
-    sizes = {BATCH: _EXAMPLE_BATCH, LENGTH: _EXAMPLE_LENGTH, KV_SLOTS: _EXAMPLE_SLOTS}
-    shape = [sizes[a] if isinstance(a, str) else a for a in spec.shape]
-    if spec.dtype == "int64":
-        return torch.full(shape, 3, dtype=torch.int64)
-    if spec.dtype == "bool":
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.zeros(shape, dtype=getattr(torch, spec.dtype))
-
-
-class _NoTorchvisionNotes(logging.Filter):
-    """torch.onnx warns once per torchvision op (nms, roi_align, ...) that torchvision is missing while it
-    builds its op table; H-Net uses none of them, so those lines are noise to our users."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("torchvision is not installed")
-
-
-_REGISTRATION_LOG = "torch.onnx._internal.exporter._registration"
-
-
-def _trace(module: torch.nn.Module, inputs: list[TensorSpec], outputs: list[TensorSpec], opset: int,
-           fixed_args: int | None):
-    args = tuple(_example(s) for s in inputs)
-    dims = tuple(_dims(s) for s in inputs)
-    if fixed_args is not None:  # forward(input_ids, [mask,] *states): dynamic shapes follow the signature
-        dims = (*dims[:fixed_args], dims[fixed_args:])
-    quiet = _NoTorchvisionNotes()
-    logging.getLogger(_REGISTRATION_LOG).addFilter(quiet)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = _export(module, args, inputs, outputs, opset, dims)
-    finally:
-        logging.getLogger(_REGISTRATION_LOG).removeFilter(quiet)
-    _name_axes(program.model, inputs, outputs)
-    _strip_metadata(program.model)
-    return program.model
-
-
-def _export(module, args, inputs, outputs, opset, dims):
-    return torch.onnx.export(
-        module, args, None, input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
-        opset_version=opset, dynamo=True, dynamic_shapes=dims, verbose=False,
-        # No onnxscript optimisation: its constant folding turns every Linear weight into a
-        # transposed copy with a generated name, so the graphs could no longer share one weights
-        # file (and a large model's .onnx would pass the 2 GB protobuf limit). onnxruntime folds
-        # those transposes itself when it loads the graph.
-        optimize=False,
-    )
-
-
-def _strip_metadata(model: ir.Model) -> None:
-    """Drop the exporter's per-node provenance (FX node, stack trace with local paths): it is most of
-    a graph file's size and means nothing to a reader of the ONNX model."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        node.metadata_props.clear()
-        for value in node.outputs:
-            value.metadata_props.clear()
-
-
-def _name_axes(model: ir.Model, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Give every dynamic axis of the graph's inputs and outputs its io.json name (the exporter
-    names data-dependent ones u0, u1, ...)."""
-    values = list(model.graph.inputs) + list(model.graph.outputs)
-    for value, spec in zip(values, inputs + outputs):
-        if value.name != spec.name:
-            raise AssertionError(f"graph value {value.name} is not {spec.name}")
-        dims = [ir.SymbolicDim(a) if isinstance(a, str) else a for a in spec.shape]
-        value.shape = ir.Shape(dims)
 
 
 class _SharedWeights:
@@ -218,10 +134,12 @@ def check_options(opset: int, dtype: str, max_seqlen: int) -> None:
 
 def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSET, max_seqlen: int = DEFAULT_MAX_SEQLEN,
                  batch_variants: bool = True, force: bool = False, external_data: bool | None = None,
-                 quantization: Quantization | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+                 quantization: Quantization | None = None, log: Callable[[str], None] | None = None,
+                 jobs: int | None = None) -> ExportResult:
     """Export a loaded hnet_torch model (its dtype is the export dtype) to `out_dir`.
     batch_variants also writes step_cond.onnx (the fastest step at batch 1 on CPU); quantization
-    makes the Linear weights int8/int4 (weights.Quantization)."""
+    makes the Linear weights int8/int4 (weights.Quantization); jobs: processes tracing the graphs
+    (None: one per core for a small model, tracing.default_jobs)."""
     log = log or (lambda _msg: None)
     dtype = {torch.float32: "float32", torch.float16: "float16"}.get(model.embeddings.weight.dtype)
     if dtype is None:
@@ -235,31 +153,31 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     weight_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     if external_data is None:
         external_data = weight_bytes >= EXTERNAL_DATA_AUTO_BYTES
-    graphs = [("prefill", PrefillGraph(model, max_seqlen), "prefill"), ("extend", ExtendGraph(model, max_seqlen), "extend")]
-    graphs.append(("step", StepGraph(model, max_seqlen, "where"), "step"))
-    if batch_variants:
-        graphs.append(("step_cond", StepGraph(model, max_seqlen, "cond"), "step"))
+    graphs = ["prefill", "extend", "step"] + (["step_cond"] if batch_variants else [])
+    if jobs is None:
+        jobs = tracing.default_jobs(weight_bytes, len(graphs))
 
     start = time.perf_counter()
     result = ExportResult(os.path.abspath(out_dir), external_data=external_data)
     io_table: dict = {}
+    captured: dict[str, str | None] = {}
     linear = LinearWeights(quantization)
     with io.atomic_directory(out_dir, force=force) as tmp:
         shared = _SharedWeights(tmp) if external_data else None
         try:
-            for name, module, kind in graphs:
-                log(f"exporting {name}.onnx ...")
-                inputs, outputs = graph_io(config, max_seqlen, dtype, kind)
-                with torch.no_grad():
-                    # The graph modules hold the model as `.model`, so weights are named `model.<param>`.
-                    onnx_model = _trace(module, inputs, outputs, opset, {"prefill": None, "extend": 2, "step": 1}[kind])
-                linear.rewrite(onnx_model)
-                if shared is not None:
-                    shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
-                    linear.release()
-                onnx_model.producer_name = "hnet-mlx"
-                _save(onnx_model, os.path.join(tmp, name + ".onnx"))
-                io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
+            log(f"tracing {', '.join(graphs)} ({jobs} process{'es' if jobs > 1 else ''}) ...")
+            work = os.path.join(tmp, ".trace")
+            with contextlib.closing(tracing.trace_graphs(model, graphs, max_seqlen, dtype, opset, jobs, work)) as traced:
+                for name, onnx_model, captured[name] in traced:
+                    log(f"exporting {name}.onnx ...")  # one line per graph (cache.py's progress bar counts them)
+                    inputs, outputs = graph_io(config, max_seqlen, dtype, tracing.GRAPH_KINDS[name])
+                    linear.rewrite(onnx_model)
+                    if shared is not None:
+                        shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
+                        linear.release()
+                    onnx_model.producer_name = "hnet-mlx"
+                    _save(onnx_model, os.path.join(tmp, name + ".onnx"))
+                    io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
         finally:
             if shared is not None:
                 shared.close()
@@ -269,7 +187,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
             "opset": opset,
             "dtype": dtype,
             "max_seqlen": max_seqlen,
-            "graphs": {name: name + ".onnx" for name, _, _ in graphs},
+            "graphs": {name: name + ".onnx" for name in graphs},
             "step_variants": {"step": "where", **({"step_cond": "cond"} if batch_variants else {})},
             "external_data": WEIGHTS_FILE if external_data else None,
             # Linear weights: W.T (in, out) float32 MatMul weights, or MatMulNBits blocks (weights.py).
@@ -277,7 +195,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
             "weights": shared.table() if shared is not None else None,
             "num_stages": config.num_stages,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "exporter": _versions(),
+            "exporter": {**_versions(), "capture": captured},
         }
         io.atomic_write_text(os.path.join(tmp, "export.json"), json.dumps(meta, indent=2) + "\n")
         io.atomic_write_text(os.path.join(tmp, "io.json"), json.dumps(io_table, indent=1) + "\n")
@@ -332,7 +250,8 @@ def quantize_export(src_dir: str, out_dir: str, quantization: Quantization, forc
 def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset: int = DEFAULT_OPSET,
                 dtype: str = "float32", max_seqlen: int = DEFAULT_MAX_SEQLEN, batch_variants: bool = True,
                 force: bool = False, external_data: bool | None = None, quantize: str | None = None,
-                block_size: int | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+                block_size: int | None = None, log: Callable[[str], None] | None = None,
+                jobs: int | None = None) -> ExportResult:
     """Load a checkpoint (official .pt or model directory) and export it; see the module docstring.
     model_path may also be a float32 export directory, with quantize: see quantize_export."""
     check_options(opset, dtype, max_seqlen)
@@ -350,4 +269,4 @@ def export_onnx(model_path: str, out_dir: str, config: str | None = None, opset:
         return quantize_export(model_path, out_dir, quantization, force=force, log=log)
     model = load_pretrained(model_path, config=config, dtype=dtype)
     return export_model(model, out_dir, opset=opset, max_seqlen=max_seqlen, batch_variants=batch_variants, force=force,
-                        external_data=external_data, quantization=quantization, log=log)
+                        external_data=external_data, quantization=quantization, log=log, jobs=jobs)

@@ -157,7 +157,7 @@ def test_mlx_lm_tokenizer_loading_has_no_model_type_warning():
 
 TRACE_TINY = """
 import torch
-from hnet_export.exporter import _trace
+from hnet_export.tracing import trace as _trace
 from hnet_export.layout import TensorSpec
 
 class Double(torch.nn.Module):
