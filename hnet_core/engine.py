@@ -67,19 +67,24 @@ class Adapter(Protocol):
         """Read one byte per sample, next_bytes (B, 1), into `cache`; return its logits (B, V) and
         routing counts (a sample whose stage did not run at this byte counts 0 there)."""
 
+    # The methods below have defaults: an adapter that subclasses Adapter overrides what it has.
+
     def export_cache(self, cache: Any) -> tuple[dict, dict[str, np.ndarray]]:
         """(tree, arrays) of hnet_core.prompt_cache's file format: the cache's tensors as numpy in the
-        canonical layout. A backend without prompt caches raises HNetError."""
+        canonical layout. A backend without prompt caches raises HNetError (the default)."""
+        raise HNetError("prompt caches work with the torch and mlx backends, not this one")
 
     def import_cache(self, tree: dict, arrays: dict[str, np.ndarray]) -> Any:
         """The cache that export_cache described, ready for this adapter's model."""
+        return self.export_cache(None)
 
     def reset_peak_memory(self) -> None:
-        """Start measuring peak memory now (a no-op where the measure cannot be reset)."""
+        """Start measuring peak memory now (the default: a no-op, where the measure cannot be reset)."""
 
     def peak_memory(self) -> tuple[int, str] | None:
         """(bytes, what was measured) or None: backends measure different things (the process's
-        resident set, the MLX or CUDA allocator), so `-v` names the one it reports."""
+        resident set, the default; the MLX or CUDA allocator), so `-v` names the one it reports."""
+        return rss_peak()
 
 
 RSS_PEAK = "peak resident memory of the process"

@@ -24,7 +24,7 @@ def _result(logits: mx.array, routing) -> StepResult:  # on the host (one sync):
     return StepResult(np.array(logits), np.array(valid).astype(np.int64), np.array(bounds).astype(np.int64))
 
 
-class Adapter:
+class Adapter(engine.Adapter):
     def __init__(self, model: HNetForCausalLM):
         self.model, self.config = model, model.config_dict
 

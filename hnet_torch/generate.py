@@ -22,7 +22,7 @@ def _result(logits: torch.Tensor, routing) -> StepResult:  # on the host: logits
     return StepResult(logits.float().cpu().numpy(), valid.cpu().numpy(), bounds.cpu().numpy())
 
 
-class Adapter:
+class Adapter(engine.Adapter):
     def __init__(self, model: HNetForCausalLM):
         self.model, self.config, self.device = model, model.config_dict, model.embeddings.weight.device
 
@@ -45,9 +45,6 @@ class Adapter:
 
     def import_cache(self, tree: dict, arrays: dict[str, np.ndarray]) -> InferenceCache:
         return import_cache(tree, arrays, self.config, self.device)
-
-    def reset_peak_memory(self) -> None:
-        pass  # neither the resident-set peak nor (as before) the CUDA peak is reset per generation
 
     def peak_memory(self) -> tuple[int, str] | None:
         if self.device.type != "cuda":
