@@ -2,19 +2,22 @@
 
 Each graph (prefill, extend, step, step_cond) is one torch.export trace (capture.py), which is
 single-threaded Python for tens of seconds even for a small model; the four are independent, so a
-small model's graphs are traced in parallel worker processes, one per core (`jobs`). A worker gets
-the model as a safetensors directory the parent writes, and hands back an ONNX file with the
-weights inline; the parent then rewrites and saves the graphs in their fixed order, so the export
+small model's graphs are traced in parallel worker processes, one per core (`jobs`). A worker
+(`python -m hnet_export.tracing`) gets the model as a safetensors directory the parent writes, and
+hands back an ONNX file with the weights inline; the parent then rewrites and saves the graphs in their fixed order, so the export
 is the same file for file whatever the number of workers. Large models are traced in this process
 (a worker per graph would hold a copy of the weights each).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
+import time
 import warnings
 from typing import Iterator
 
@@ -126,15 +129,6 @@ def _trace_graph(model: HNetForCausalLM, name: str, max_seqlen: int, dtype: str,
         return trace(graph_module(model, name, max_seqlen), inputs, outputs, opset, _FIXED_ARGS[GRAPH_KINDS[name]])
 
 
-def _worker(task: tuple) -> tuple[str, str | None]:
-    """In a worker process: trace one graph of the model in `model_dir`, save it to `path`."""
-    model_dir, name, max_seqlen, dtype, opset, path = task
-    torch.set_num_threads(1)  # tracing is Python; the other workers have the other cores
-    model = load_pretrained(model_dir, dtype=dtype).eval()
-    ir.save(_trace_graph(model, name, max_seqlen, dtype, opset), path)
-    return path, capture.last_path()
-
-
 def default_jobs(weight_bytes: int, graphs: int) -> int:
     """One worker per available core (up to one per graph) for a small model, else none (1)."""
     if weight_bytes > PARALLEL_MAX_BYTES:
@@ -143,23 +137,77 @@ def default_jobs(weight_bytes: int, graphs: int) -> int:
     return max(1, min(cores, graphs))
 
 
+class _Worker:
+    """`python -m hnet_export.tracing TASK`: a fresh interpreter tracing one graph. Not multiprocessing:
+    its spawned children re-run the caller's main script (a script without a __main__ guard would
+    start workers of its own), and a Pool whose worker dies waits forever."""
+
+    def __init__(self, task: dict):
+        self.task = task
+        self.process = subprocess.Popen([sys.executable, "-m", "hnet_export.tracing", json.dumps(task)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> tuple[ir.Model, str | None]:
+        out, err = self.process.communicate()
+        if self.process.returncode == _OS_ERROR:  # e.g. a full disk: the parent reports it as its own
+            e = json.loads(out)
+            raise OSError(e["errno"], e["strerror"], e["filename"])
+        if self.process.returncode != 0:
+            last = (err.strip().splitlines() or [f"exit status {self.process.returncode}"])[-1]
+            raise RuntimeError(f"tracing {self.task['name']}.onnx failed in a worker process: {last}")
+        return ir.load(self.task["path"]), json.loads(out)["capture"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()
+
+
 def trace_graphs(model: HNetForCausalLM, names: list[str], max_seqlen: int, dtype: str, opset: int, jobs: int,
                  workdir: str) -> Iterator[tuple[str, ir.Model, str | None]]:
     """(name, ONNX model, capture path) for each graph in `names`, in that order. With jobs > 1 the
-    graphs are traced by that many spawned worker processes, through files under `workdir`."""
+    graphs are traced by up to that many worker processes at once, through files under `workdir`."""
     if jobs <= 1:
         for name in names:
             yield name, _trace_graph(model, name, max_seqlen, dtype, opset), capture.last_path()
         return
     model_dir = os.path.join(workdir, "model")
+    started: list[_Worker] = []
     try:
         save_pretrained(model, model_dir)
-        tasks = [(model_dir, name, max_seqlen, dtype, opset, os.path.join(workdir, name + ".onnx")) for name in names]
-        # spawn, not fork: the parent's torch may hold OpenMP threads a forked child would deadlock on.
-        # Leaving the `with` (an error, Ctrl-C, SIGTERM, the caller closing this generator) terminates
-        # the workers before the files are removed, so no worker writes into the directory afterwards.
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(names))) as pool:
-            for name, (path, how) in zip(names, pool.imap(_worker, tasks)):
-                yield name, ir.load(path), how
+        tasks = [{"model": model_dir, "name": name, "max_seqlen": max_seqlen, "dtype": dtype, "opset": opset,
+                  "path": os.path.join(workdir, name + ".onnx")} for name in names]
+        for i, name in enumerate(names):
+            while len(started) < len(tasks) and sum(w.process.poll() is None for w in started) < jobs:
+                started.append(_Worker(tasks[len(started)]))
+            while started[i].process.poll() is None:  # keep every core busy while waiting for graph i
+                time.sleep(0.05)
+                if len(started) < len(tasks) and sum(w.process.poll() is None for w in started) < jobs:
+                    started.append(_Worker(tasks[len(started)]))
+            model_ir, how = started[i].result()
+            yield name, model_ir, how
     finally:
+        # An error, Ctrl-C, SIGTERM or the caller closing this generator: no worker outlives it, so none
+        # writes into the directory after it is removed.
+        for worker in started:
+            worker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+_OS_ERROR = 3  # a worker's exit status for an OSError, whose details it prints as JSON
+
+
+def _main(task: dict) -> int:
+    torch.set_num_threads(1)  # tracing is Python; the other workers have the other cores
+    try:
+        model = load_pretrained(task["model"], dtype=task["dtype"]).eval()
+        ir.save(_trace_graph(model, task["name"], task["max_seqlen"], task["dtype"], task["opset"]), task["path"])
+    except OSError as e:
+        print(json.dumps({"errno": e.errno, "strerror": e.strerror, "filename": e.filename}))
+        return _OS_ERROR
+    print(json.dumps({"capture": capture.last_path()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(json.loads(sys.argv[1])))
