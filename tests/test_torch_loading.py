@@ -10,6 +10,7 @@ import torch
 
 from hnet_core import HNetError, mlx_lm_files
 from hnet_core.io import INDEX_NAME
+import hnet_torch
 from hnet_torch import load_pretrained, save_pretrained
 
 from conftest import FIXTURE_DIR, TEXT, config_2stage, random_torch_model
@@ -115,8 +116,9 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"embeddings.weight": Evil()}, path)
-    with pytest.raises(HNetError, match="cannot read"):
-        load_pretrained(path, config=CFG)
+    for load in (load_pretrained, hnet_torch.load_weights):
+        with pytest.raises(HNetError, match="cannot read|refusing to load it"):
+            load(path, config=CFG)
 
 
 def test_truncated_safetensors_dir_is_reported(tmp_path):
