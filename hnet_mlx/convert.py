@@ -238,6 +238,7 @@ def _write(dst: str, weights: Loaders, sources: dict[str, str], convert_one, cfg
         name = planned[spec.name][0]
         if current["name"] != name:  # the next source tensor: read it, convert it, drop the last one
             current["name"], current["outputs"] = None, {}
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; a converter never reuses them
             computed = convert_one(name, weights.load(sources[name]))
             mx.eval(list(computed.values()))
             current["name"], current["outputs"] = name, computed
