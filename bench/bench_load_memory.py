@@ -44,11 +44,11 @@ _MLX = ("from hnet_core.config import HNetConfig\nfrom hnet_mlx.lm import HNetFo
         "HNetForCausalLM(HNetConfig.from_json(CFG))\n")
 OPERATIONS = {
     "convert": (_MLX + "from hnet_mlx.convert import torch_to_mlx",
-                "s = torch_to_mlx(PT, OUT + '/mlx', config=CFG)\nproduced = s.disk_bytes"),
+                "s = torch_to_mlx(PT, OUT + '/mlx', config=CFG, force=True)\nproduced = s.disk_bytes"),
     "convert -q": (_MLX + "from hnet_mlx.convert import torch_to_mlx",
-                   "s = torch_to_mlx(PT, OUT + '/mlx_q', config=CFG, quantize=True)\nproduced = s.disk_bytes"),
+                   "s = torch_to_mlx(PT, OUT + '/mlx_q', config=CFG, quantize=True, force=True)\nproduced = s.disk_bytes"),
     "mlx-to-torch": (_MLX + "from hnet_mlx.convert import mlx_to_torch",
-                     "s = mlx_to_torch(OUT + '/mlx', OUT + '/torch')\nproduced = s.disk_bytes"),
+                     "s = mlx_to_torch(OUT + '/mlx', OUT + '/torch', force=True)\nproduced = s.disk_bytes"),
     "torch load": ("import torch\nfrom hnet_core.config import HNetConfig\nfrom hnet_torch import load_pretrained\n"
                    "from hnet_torch.lm import HNetForCausalLM\n"
                    "with torch.device('meta'):\n    HNetForCausalLM(HNetConfig.from_json(CFG))",
