@@ -12,6 +12,8 @@ Layout changes happen in `loading.sanitize` / `loading.torch_layout` only. Quant
 own `nn.quantize` (affine, per-group scales and biases) of the Linear layers `loading.quantizable`
 picks, recorded in config.json so `hnet_mlx.load` needs no flags. DST is written atomically and
 never overwritten without --force. mlx-to-torch moves axes only, so fp32 round trips are bit-identical.
+Both directions stream: one source tensor is read, converted and written at a time (`_write`), so
+memory holds about one tensor whatever the model's size (docs/checkpoints.md, "Memory").
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ def torch_to_mlx(src: str, dst: str, config: str | None = None, dtype: str | Non
     if quantize:
         quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine",
                         "embedding": q_embedding, "lm_head": q_lm_head}
+        if (q_embedding or q_lm_head) and cfg.d_model[0] % q_group_size:
+            raise HNetError(f"--q-embedding / --q-lm-head need the outer width d_model[0] = {cfg.d_model[0]} to be a "
+                            f"multiple of --q-group-size {q_group_size}; pick a group size that divides it")
         layers = loading.quantized_layers(cfg, quantization)
         cfg = HNetConfig.from_dict({**cfg.to_dict(), "quantization": quantization})
 

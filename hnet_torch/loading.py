@@ -160,7 +160,8 @@ def _fill(target: torch.Tensor, stored: StoredTensor | torch.Tensor) -> None:
 def stored_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
                    ) -> tuple[dict[str, StoredTensor | torch.Tensor], HNetConfig]:
     """Like `load_weights`, but where each tensor is in the file instead of the tensors: nothing is read
-    but names, dtypes and shapes. A legacy (pre-zip) .pt, which only torch.load reads, is read whole."""
+    but names, dtypes and shapes. A legacy (pre-zip) .pt, which only torch.load reads, is read whole.
+    (No MLX twin: mx.load already reads safetensors lazily, and MLX never loads a .pt, it converts it.)"""
     path, config = _checkpoint_path(path, config)
     if os.path.isdir(path):
         if not io.is_model_dir(path):
