@@ -79,7 +79,8 @@ class _Reader(pickle.Unpickler):
         local = self.file.read(30)
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             raise HNetError(f"{self.path}: corrupt zip entry for tensor data {key!r}")
-        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_length + extra_length
         if start + numel * np.dtype(NUMPY_DTYPES[dtype]).itemsize > self.size:
             raise HNetError(f"{self.path} ends inside tensor data {key!r} (truncated checkpoint?)")
         return (self.path, start, numel, dtype)

@@ -39,7 +39,8 @@ from . import loading
 DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.uint32: "uint32"}
 # stored dtype name <-> MLX dtype (a float64 tensor becomes float32: MLX computes in float32 at most)
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "uint32": mx.uint32,
-             "int64": mx.int64, "int32": mx.int32, "int16": mx.int16, "int8": mx.int8, "uint8": mx.uint8, "bool": mx.bool_}
+             "int64": mx.int64, "int32": mx.int32, "int16": mx.int16, "int8": mx.int8, "uint8": mx.uint8,
+             "bool": mx.bool_}
 STORED_NAMES = {dtype: name for name, dtype in MX_DTYPES.items()}
 
 

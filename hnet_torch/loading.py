@@ -150,8 +150,8 @@ def _fill(target: torch.Tensor, stored: StoredTensor | torch.Tensor) -> None:
         return
     source_dtype = STORED_DTYPES[stored.dtype]
     if target.dtype == source_dtype and target.device.type == "cpu" and target.is_contiguous():
-        bits = target.detach()
-        stored.read_into((bits.view(BITS[source_dtype]) if source_dtype in BITS else bits).numpy())  # straight from the file into the model's storage
+        bits = target.detach()  # straight from the file into the model's storage:
+        stored.read_into((bits.view(BITS[source_dtype]) if source_dtype in BITS else bits).numpy())
         return
     array = torch.from_numpy(stored.read())
     target.copy_(array.view(torch.bfloat16) if stored.dtype == "bfloat16" else array)
