@@ -170,3 +170,20 @@ def test_lr_multipliers_follow_levels():
     assert mult["backbone.main_network.main_network.pad_dimension"] == 0.9
     with pytest.raises(HNetError, match="one learning-rate multiplier per level"):
         model.lr_multipliers([1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_and_bf16_checkpoints_load_exactly(tmp_path, dtype):
+    # torch.save keeps views as (storage, offset, strides): a transposed weight and a slice of a
+    # shared storage must come back as the same values, read straight into the model or cast
+    sd = {k: v.to(dtype) for k, v in torch.load(PT, weights_only=True).items()}
+    name = "lm_head.weight"
+    sd[name] = sd[name].t().contiguous().t()
+    assert not sd[name].is_contiguous()
+    bias = "backbone.residual_proj.bias"
+    sd[bias] = torch.cat([torch.zeros(3, dtype=dtype), sd[bias]])[3:]  # offset into a longer storage
+    path = _save_sd(tmp_path, sd, "strided.pt")
+    for model_dtype in ("float32", "bfloat16"):
+        state = load_pretrained(path, config=CFG, dtype=model_dtype).state_dict()
+        for k, v in sd.items():
+            assert torch.equal(state[k].float(), v.to(state[k].dtype).float()), (k, model_dtype)
