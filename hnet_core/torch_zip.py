@@ -5,14 +5,15 @@ every tensor is `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, 
 storage a persistent id `("storage", torch.FloatStorage, key, location, numel)` whose bytes are the
 file `<root>/data/<key>`. This reader runs that pickle with an unpickler that knows exactly those
 globals (plus collections.OrderedDict) and refuses every other one, so it never executes code from
-the file; tensors are rebuilt as numpy arrays from the raw little-endian bytes. bfloat16, which numpy
-lacks, comes back as float32 (exact: bf16 is the top half of an fp32) with its dtype named in the
-second return value, so callers can cast it back losslessly.
+the file. It reads no tensor data: each tensor comes back as a `StoredTensor` (where its bytes are
+in the file, its dtype and layout), so callers read one tensor at a time and never hold the whole
+checkpoint (stored_tensor.py). bfloat16 keeps its name and is read as its raw bits.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -20,19 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import HNetError
+from .stored_tensor import NUMPY_DTYPES, StoredTensor, check_layout
 
-# torch storage class -> (numpy dtype of the stored bytes, dtype name)
+# torch storage class -> dtype name (stored_tensor.NUMPY_DTYPES says how its bytes read)
 STORAGES = {
-    "FloatStorage": (np.float32, "float32"),
-    "DoubleStorage": (np.float64, "float64"),
-    "HalfStorage": (np.float16, "float16"),
-    "BFloat16Storage": (np.uint16, "bfloat16"),
-    "LongStorage": (np.int64, "int64"),
-    "IntStorage": (np.int32, "int32"),
-    "ShortStorage": (np.int16, "int16"),
-    "CharStorage": (np.int8, "int8"),
-    "ByteStorage": (np.uint8, "uint8"),
-    "BoolStorage": (np.bool_, "bool"),
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64", "IntStorage": "int32", "ShortStorage": "int16", "CharStorage": "int8",
+    "ByteStorage": "uint8", "BoolStorage": "bool",
 }
 
 
@@ -41,19 +36,12 @@ class StorageType:
     name: str
 
 
-@dataclass
-class Tensor:
-    """A rebuilt tensor: numpy data (bf16 widened to fp32) and the checkpoint's dtype name."""
-
-    array: np.ndarray
-    dtype: str
-
-
 class _Reader(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, root: str, path: str):
-        super().__init__(file)
-        self.archive, self.root, self.path = archive, root, path
-        self.storages: dict[str, np.ndarray] = {}
+    def __init__(self, pickle_file, archive: zipfile.ZipFile, raw, root: str, path: str):
+        super().__init__(pickle_file)
+        self.archive, self.file, self.root, self.path = archive, raw, root, path
+        self.size = os.path.getsize(path)
+        self.storages: dict[str, tuple[str, int, int, str]] = {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
@@ -72,33 +60,41 @@ class _Reader(pickle.Unpickler):
             raise HNetError(f"{self.path} has an unexpected storage reference {pid!r:.80}; not a torch state dict")
         _, storage_type, key, _location, numel = pid
         if key not in self.storages:
-            dtype = np.dtype(STORAGES[storage_type.name][0]).newbyteorder("<")
-            try:
-                data = self.archive.read(f"{self.root}/data/{key}")
-            except KeyError:
-                raise HNetError(f"{self.path} is missing tensor data {key!r} (truncated checkpoint?)") from None
-            if len(data) < numel * dtype.itemsize:
-                raise HNetError(f"{self.path}: tensor data {key!r} is shorter than its {numel} elements (truncated?)")
-            self.storages[key] = np.frombuffer(data, dtype=dtype, count=numel)
-        return (storage_type.name, self.storages[key])
+            self.storages[key] = self._locate(str(key), storage_type.name, int(numel))
+        return self.storages[key]
+
+    def _locate(self, key: str, storage: str, numel: int) -> tuple[str, int, int, str]:
+        """(path, byte offset in the file, elements, dtype) of a storage, checked against its zip entry."""
+        dtype = STORAGES[storage]
+        try:
+            info = self.archive.getinfo(f"{self.root}/data/{key}")
+        except KeyError:
+            raise HNetError(f"{self.path} is missing tensor data {key!r} (truncated checkpoint?)") from None
+        if info.file_size < numel * np.dtype(NUMPY_DTYPES[dtype]).itemsize:
+            raise HNetError(f"{self.path}: tensor data {key!r} is shorter than its {numel} elements (truncated?)")
+        if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses; a re-zipped file did
+            raise HNetError(f"{self.path} has compressed tensor data; re-save it with torch.save")
+        # The data follows the member's local header: 30 bytes, then its name and extra field.
+        self.file.seek(info.header_offset)
+        local = self.file.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise HNetError(f"{self.path}: corrupt zip entry for tensor data {key!r}")
+        name_length, extra_length = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_length + extra_length
+        if start + numel * np.dtype(NUMPY_DTYPES[dtype]).itemsize > self.size:
+            raise HNetError(f"{self.path} ends inside tensor data {key!r} (truncated checkpoint?)")
+        return (self.path, start, numel, dtype)
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> Tensor:
-    name, flat = storage
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if len(size) != len(stride) or any(s < 0 for s in stride) or offset < 0:
-        raise HNetError("a tensor in the checkpoint has a malformed layout (corrupt checkpoint)")
-    if int(np.prod(size)) > 0 and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= flat.size:
-        raise HNetError("a tensor in the checkpoint points outside its storage (corrupt checkpoint)")
-    view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size, strides=[s * flat.itemsize for s in stride])
-    array = np.array(view, dtype=flat.dtype.newbyteorder("="))  # a contiguous, native-order copy
-    dtype_name = STORAGES[name][1]
-    if dtype_name == "bfloat16":
-        array = (array.astype(np.uint32) << 16).view(np.float32)
-    return Tensor(array, dtype_name)
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> StoredTensor:
+    path, start, numel, dtype = storage
+    tensor = StoredTensor(path, start, numel, dtype, tuple(int(s) for s in size), tuple(int(s) for s in stride),
+                          int(offset))
+    check_layout(path, tensor)
+    return tensor
 
 
-def _rebuild_parameter(data: Tensor, requires_grad=False, hooks=None) -> Tensor:
+def _rebuild_parameter(data: StoredTensor, requires_grad=False, hooks=None) -> StoredTensor:
     return data
 
 
@@ -112,12 +108,13 @@ def _legacy_hint(path: str) -> str:
             f"torch.save(torch.load('{path}', weights_only=True), 'model.pt')\"")
 
 
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """{name: Tensor} from a torch.save zip checkpoint (a state dict, or {"model": state dict})."""
+def read_state_dict(path: str) -> dict[str, StoredTensor]:
+    """{name: StoredTensor} of a torch.save zip checkpoint (a state dict, or {"model": state dict}); no
+    tensor data is read here."""
     if not zipfile.is_zipfile(path):
         raise HNetError(f"{path} is not a zip-format PyTorch checkpoint (torch >= 1.6); {_legacy_hint(path)}")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open(path, "rb") as raw, zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pickles) != 1:
                 raise HNetError(f"{path} is a zip file but not a PyTorch checkpoint (no data.pkl)")
@@ -126,7 +123,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
             if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
                 raise HNetError(f"{path} was saved big-endian; convert it on the machine that wrote it")
             with archive.open(pickles[0]) as f:
-                data = _Reader(f, archive, root, path).load()
+                data = _Reader(f, archive, raw, root, path).load()
     except HNetError:
         raise
     except Exception as e:  # truncated zip, corrupt pickle
@@ -134,6 +131,6 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         raise HNetError(f"cannot read {path} as a PyTorch state dict (truncated or not a checkpoint?): {reason[:160]}") from None
     if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
         data = data["model"]  # a training checkpoint wrapping the state dict
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()):
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, StoredTensor) for k, v in data.items()):
         raise HNetError(f"{path} does not hold a state dict of tensors")
     return dict(data)

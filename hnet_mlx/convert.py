@@ -12,10 +12,13 @@ Layout changes happen in `loading.sanitize` / `loading.torch_layout` only. Quant
 own `nn.quantize` (affine, per-group scales and biases) of the Linear layers `loading.quantizable`
 picks, recorded in config.json so `hnet_mlx.load` needs no flags. DST is written atomically and
 never overwritten without --force. mlx-to-torch moves axes only, so fp32 round trips are bit-identical.
+Both directions stream: one source tensor is read, converted and written at a time (`_write`), so
+memory holds about one tensor whatever the model's size (docs/checkpoints.md, "Memory").
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -23,16 +26,22 @@ import click
 import mlx.core as mx
 import numpy as np
 
-from hnet_core import io
+from hnet_core import io, mlx_lm_files
 from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, config_for_weights
+from hnet_core.safetensors_writer import TensorSpec, write_safetensors
+from hnet_core.stored_tensor import StoredTensor, safetensors_entries
 
 from . import loading
-from .lm import HNetForCausalLM
 
 DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16", mx.uint32: "uint32"}
+# stored dtype name <-> MLX dtype (a float64 tensor becomes float32: MLX computes in float32 at most)
+MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "uint32": mx.uint32,
+             "int64": mx.int64, "int32": mx.int32, "int16": mx.int16, "int8": mx.int8, "uint8": mx.uint8,
+             "bool": mx.bool_}
+STORED_NAMES = {dtype: name for name, dtype in MX_DTYPES.items()}
 
 
 @dataclass
@@ -52,18 +61,39 @@ class ConversionSummary:
 # -- reading the source -------------------------------------------------------------------------
 
 
-def _read_pt(path: str) -> dict[str, mx.array]:
+def _read_pt(path: str) -> Loaders:
     """An official .pt state dict, read without torch by hnet_core.torch_zip (which refuses anything
-    but tensors); bf16 comes back as fp32 and is cast back exactly."""
+    but tensors and reads no tensor data yet)."""
     from hnet_core.torch_zip import read_state_dict
 
     if not os.path.exists(path):
         raise HNetError(f"checkpoint not found: {path}")
-    out = {}
-    for name, tensor in read_state_dict(path).items():
-        array = mx.array(tensor.array)
-        out[name] = array.astype(mx.bfloat16) if tensor.dtype == "bfloat16" else array
-    return out
+    return Loaders(read_state_dict(path))
+
+
+def _read_safetensors(paths: list[str]) -> Loaders:
+    stored: dict[str, StoredTensor] = {}
+    for path in paths:
+        stored.update(safetensors_entries(path, io.read_safetensors_header(path)))
+    return Loaders(stored)
+
+
+class Loaders(dict):
+    """Source weights, one tensor at a time: the dict holds lazy MLX stand-ins of the right shape and
+    dtype (never evaluated: recognising the config, checking shapes and planning the output need
+    nothing more) and `load(name)` reads the real tensor from the file."""
+
+    def __init__(self, stored: dict[str, StoredTensor]):
+        super().__init__({name: mx.zeros(t.shape, MX_DTYPES.get(t.dtype, mx.float32)) for name, t in stored.items()})
+        self.stored = stored
+
+    def load(self, name: str) -> mx.array:
+        stored = self.stored[name]
+        array = stored.read()  # as stored: bf16 arrives as its uint16 bits
+        if stored.dtype == "float64":  # MLX computes in float32 at most
+            return mx.array(array.astype(np.float32))
+        array = mx.array(array)
+        return array.view(mx.bfloat16) if stored.dtype == "bfloat16" else array
 
 
 def _checkpoint_in(directory: str) -> str:
@@ -76,8 +106,9 @@ def _checkpoint_in(directory: str) -> str:
 
 
 def read_source(src: str, config_path: str | None = None, revision: str | None = None
-                ) -> tuple[dict[str, mx.array], HNetConfig, str]:
-    """(weights in MLX layout, config, description) from a .pt, a model directory or a HF repo id."""
+                ) -> tuple[Loaders, HNetConfig, str]:
+    """(source weights as `Loaders`, config, description) from a .pt, a model directory or a HF repo id;
+    shapes are checked, no tensor data is read yet."""
     src = resolve_model_path(src)  # a training run directory -> its final model or newest checkpoint
     description = src
     if not os.path.exists(src):
@@ -93,19 +124,17 @@ def read_source(src: str, config_path: str | None = None, revision: str | None =
     if os.path.isdir(src):
         if not io.is_model_dir(src):
             raise HNetError(f"{src} is not a model directory (expected {io.CONFIG_NAME} and {io.WEIGHTS_NAME})")
-        weights = loading.read_safetensors_dir(src)
+        weights = _read_safetensors(io.weight_files(src))
         config = HNetConfig.from_json(config_path or os.path.join(src, io.CONFIG_NAME))
     elif src.endswith(".safetensors"):
-        io.read_safetensors_header(src)
-        weights = dict(mx.load(src))
+        weights = _read_safetensors([src])
         config = config_for_weights({k: tuple(v.shape) for k, v in loading.torch_layout(weights).items()}, config_path)
     else:
         weights = _read_pt(src)
         config = config_for_weights({k: tuple(v.shape) for k, v in weights.items()}, config_path)
     if config.quantization is not None:
         raise HNetError(f"{src} is already quantized; convert the original (unquantized) checkpoint instead")
-    weights = loading.sanitize(weights)
-    check_shapes(config, loading.logical_shapes(weights, None), src)
+    check_shapes(config, loading.logical_shapes(loading.sanitize(weights), None), src)
     return weights, config, description
 
 
@@ -134,7 +163,7 @@ def torch_to_mlx(src: str, dst: str, config: str | None = None, dtype: str | Non
                  q_bits: int = 4, q_group_size: int = 64, q_embedding: bool = False, q_lm_head: bool = False,
                  force: bool = False, revision: str | None = None, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
                  progress: bool = False) -> ConversionSummary:
-    """Convert `src` (see module docstring) into an MLX model directory `dst`."""
+    """Convert `src` (see module docstring) into an MLX model directory `dst`, one tensor at a time."""
     if q_bits not in (4, 8):
         raise HNetError(f"--q-bits must be 4 or 8, got {q_bits}")
     if q_group_size not in (32, 64, 128):
@@ -142,53 +171,99 @@ def torch_to_mlx(src: str, dst: str, config: str | None = None, dtype: str | Non
     target = loading.resolve_dtype(dtype)
     _check_destination(dst, force)
     weights, cfg, description = read_source(src, config, revision)
-    if target is not None:
-        weights = loading.cast_weights(weights, target)
-    quantization = None
+    quantization, layers = None, set()
     if quantize:
         quantization = {"group_size": q_group_size, "bits": q_bits, "mode": "affine",
                         "embedding": q_embedding, "lm_head": q_lm_head}
-        model = HNetForCausalLM(cfg)
-        model.load_weights([(k, v) for k, v in weights.items() if not (cfg.tie_embeddings and k == "lm_head.weight")],
-                           strict=True)
-        loading.quantize_model(model, quantization)
+        if (q_embedding or q_lm_head) and cfg.d_model[0] % q_group_size:
+            raise HNetError(f"--q-embedding / --q-lm-head need the outer width d_model[0] = {cfg.d_model[0]} to be a "
+                            f"multiple of --q-group-size {q_group_size}; pick a group size that divides it")
+        layers = loading.quantized_layers(cfg, quantization)
         cfg = HNetConfig.from_dict({**cfg.to_dict(), "quantization": quantization})
-        model.config = cfg
-        weights = loading.ordered_weights(model)
-    size = _write(dst, weights, cfg, "mlx", force, max_shard_bytes, progress)
-    return _summary(description, dst, weights, cfg, size, quantization)
+
+    def convert_one(name: str, w: mx.array) -> dict[str, mx.array]:
+        w = loading.sanitize({name: w})[name]
+        if target is not None:
+            w = loading.cast_weights({name: w}, target)[name]
+        layer, _, leaf = name.rpartition(".")
+        if leaf == "weight" and layer in layers:
+            return {f"{layer}.{part}": a for part, a in loading.quantize_weight(w, quantization).items()}
+        return {name: w}
+
+    sources = {name: name for name in weights}
+    if cfg.tie_embeddings:  # the model has no lm_head: the file's lm_head is the embedding (as the model saves it)
+        sources["lm_head.weight"] = "embeddings.weight"
+        tied = convert_one
+
+        def convert_one(name: str, w: mx.array) -> dict[str, mx.array]:
+            if name == "lm_head.weight":
+                return {name: tied("embeddings.weight", w)["embeddings.weight"]}
+            return tied(name, w)
+
+    outputs, size = _write(dst, weights, sources, convert_one, cfg, "mlx", force, max_shard_bytes, progress)
+    return _summary(description, dst, outputs, cfg, size, quantization)
 
 
 def mlx_to_torch(src: str, dst: str, force: bool = False, max_shard_bytes: int = io.DEFAULT_SHARD_BYTES,
                  progress: bool = False) -> ConversionSummary:
     """Convert an MLX model directory back to our torch safetensors directory (bit-identical)."""
     _check_destination(dst, force)
-    weights, cfg = loading.load_weights(src)
+    directory = resolve_model_path(src)
+    if loading.looks_like_repo_id(directory):
+        directory = loading.fetch_hf_repo(directory)
+    _, cfg = loading.load_weights(directory)  # a model directory, its config and every shape checked (lazily)
     if cfg.quantization is not None:
         raise HNetError(f"{src} is quantized ({cfg.quantization.get('bits')}-bit); mlx-to-torch needs an unquantized "
                         "model: convert the original checkpoint again without -q")
-    weights = loading.torch_layout(weights)
-    size = _write(dst, weights, cfg, "pt", force, max_shard_bytes, progress)
-    check_shapes(cfg, {k: tuple(v.shape) for k, v in weights.items()}, dst)
-    return _summary(src, dst, weights, cfg, size, None)
+    weights = _read_safetensors(io.weight_files(directory))
+    outputs, size = _write(dst, weights, {name: name for name in weights},
+                           lambda name, w: loading.torch_layout({name: w}), cfg, "pt", force, max_shard_bytes, progress)
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in outputs.items()}, dst)
+    return _summary(src, dst, outputs, cfg, size, None)
 
 
-def _write(dst: str, weights: dict[str, mx.array], cfg: HNetConfig, fmt: str, force: bool, max_shard_bytes: int,
-           progress: bool) -> int:
-    """Compute every tensor (casts, quantization: MLX is lazy) with a progress bar, then write DST atomically."""
+def _write(dst: str, weights: Loaders, sources: dict[str, str], convert_one, cfg: HNetConfig, fmt: str, force: bool,
+           max_shard_bytes: int, progress: bool) -> tuple[dict[str, mx.array], int]:
+    """Write DST atomically, computing one source tensor's outputs at a time: `convert_one(name, w)`
+    maps source tensor `sources[name]` to its output tensors. It runs once on the lazy stand-ins to
+    plan the files (names, shapes, dtypes, shards), then once per tensor on the real data, which is
+    dropped as soon as it is written. Returns (the outputs as stand-ins, bytes written)."""
+    planned = {}
+    for name, source in sources.items():
+        planned.update({out: (name, a) for out, a in convert_one(name, weights[source]).items()})
+    order = loading.ordered_names(list(planned), cfg)
+    outputs = {out: planned[out][1] for out in order}
+    specs = {out: TensorSpec(out, STORED_NAMES[a.dtype], tuple(a.shape)) for out, a in outputs.items()}
+    shards = io.plan_shards({out: spec.nbytes for out, spec in specs.items()}, max_shard_bytes)
+    names = io.shard_file_names(len(shards))
+    current: dict = {"name": None, "outputs": {}}
     bar = _progress() if progress else None
-    with io.atomic_directory(dst, force=force) as tmp:
-        if bar is None:
-            mx.eval(list(weights.values()))
-            return loading.write_model_dir(tmp, weights, cfg, fmt, max_shard_bytes)
-        with bar:
-            task = bar.add_task("converting tensors", total=len(weights))
-            for w in weights.values():
-                mx.eval(w)
-                bar.advance(task)
-            task = bar.add_task("writing safetensors", total=len(weights))
-            return loading.write_model_dir(tmp, weights, cfg, fmt, max_shard_bytes,
-                                           on_tensor=lambda n: bar.advance(task, n))
+    task = bar.add_task("converting tensors", total=len(specs)) if bar is not None else None
+
+    def data(spec: TensorSpec) -> memoryview:
+        name = planned[spec.name][0]
+        if current["name"] != name:  # the next source tensor: read it, convert it, drop the last one
+            current["name"], current["outputs"] = None, {}
+            mx.clear_cache()  # MLX keeps freed buffers for reuse; a converter never reuses them
+            computed = convert_one(name, weights.load(sources[name]))
+            mx.eval(list(computed.values()))
+            current["name"], current["outputs"] = name, computed
+        array = current["outputs"].pop(spec.name)
+        if bar is not None:
+            bar.advance(task)
+        # numpy reads MLX's buffer (bf16 as its bits) and copies only what is strided (a moved conv1d axis)
+        return memoryview(np.ascontiguousarray(array.view(mx.uint16) if array.dtype == mx.bfloat16 else array))
+
+    with io.atomic_directory(dst, force=force) as tmp, (bar or contextlib.nullcontext()):
+        weight_map = {}
+        for shard, file_name in zip(shards, names):
+            write_safetensors(os.path.join(tmp, file_name), [specs[out] for out in shard], data, {"format": fmt})
+            weight_map.update({out: file_name for out in shard})
+        if len(shards) > 1:
+            io.write_index(tmp, weight_map, sum(spec.nbytes for spec in specs.values()))
+        mlx_lm_files.write_model_files(tmp, cfg.to_dict())  # config.json + what mlx-lm needs beside it
+        size = sum(os.path.getsize(os.path.join(tmp, n)) for n in names)
+    return outputs, size
 
 
 def _check_destination(dst: str, force: bool) -> None:

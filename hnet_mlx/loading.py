@@ -105,6 +105,21 @@ def quantizable(path: str, module: nn.Module, quantization: dict) -> bool:
     return isinstance(module, nn.Linear) and module.weight.shape[-1] % int(quantization["group_size"]) == 0
 
 
+def quantized_layers(config: HNetConfig, quantization: dict) -> set[str]:
+    """The paths of the layers `quantizable` picks in a model of `config`. MLX creates parameters
+    lazily, so building the model here computes no weights."""
+    model = HNetForCausalLM(config)
+    return {path for path, module in model.named_modules() if quantizable(path, module, quantization)}
+
+
+def quantize_weight(weight: mx.array, quantization: dict) -> dict[str, mx.array]:
+    """One layer's weight quantized as nn.quantize does it ({"weight", "scales", "biases"}), so a
+    converter can quantize one tensor at a time instead of a whole model."""
+    packed, scales, *biases = mx.quantize(weight, int(quantization["group_size"]), int(quantization["bits"]),
+                                          mode=quantization.get("mode", "affine"))
+    return {"weight": packed, "scales": scales, **({"biases": biases[0]} if biases else {})}
+
+
 def quantize_model(model: HNetForCausalLM, quantization: dict, weights: dict[str, mx.array] | None = None) -> None:
     """Replace layers by MLX's quantized ones in place: those `quantizable` picks, or, when loading,
     exactly those with stored `.scales` (so loading needs nothing but config.json)."""
@@ -223,8 +238,13 @@ def ordered_weights(model: HNetForCausalLM) -> dict[str, mx.array]:
     params = dict(tree_flatten(model.parameters()))
     if model.config.tie_embeddings:
         params["lm_head.weight"] = params["embeddings.weight"]
-    order = {name.rsplit(".", 1)[0]: i for i, name in enumerate(expected_shapes(model.config))}
-    return dict(sorted(params.items(), key=lambda kv: (order.get(kv[0].rsplit(".", 1)[0], len(order)), kv[0])))
+    return {name: params[name] for name in ordered_names(list(params), model.config)}
+
+
+def ordered_names(names: list[str], config: HNetConfig) -> list[str]:
+    """Tensor names in the official state-dict order, a layer's tensors together (quantized triples)."""
+    order = {name.rsplit(".", 1)[0]: i for i, name in enumerate(expected_shapes(config))}
+    return sorted(names, key=lambda name: (order.get(name.rsplit(".", 1)[0], len(order)), name))
 
 
 def write_model_dir(tmp: str, weights: dict[str, mx.array], config: HNetConfig, fmt: str,

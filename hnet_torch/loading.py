@@ -5,7 +5,9 @@
     model = load_pretrained("model_dir/")                           # config.json + model.safetensors
     save_pretrained(model, "model_dir/")                            # atomic, sharded above 5 GB
 
-`.pt` files are read with `torch.load(weights_only=True)` only (never unpickle untrusted data).
+`.pt` files are read with hnet_core.torch_zip's restricted unpickler (tensors only; a legacy pre-zip
+file with `torch.load(weights_only=True)`): never unpickle untrusted data. `load_pretrained` reads
+one tensor at a time into the model's own storage, so it needs the model's memory plus one tensor.
 Every problem (missing file, truncated file, wrong tensors, wrong config) is one HNetError line.
 """
 
@@ -21,10 +23,17 @@ from hnet_core.checkpoint import resolve_model_path
 from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.official import check_shapes, config_for_weights
+from hnet_core.stored_tensor import StoredTensor, safetensors_entries
+from hnet_core.torch_zip import read_state_dict as _read_zip_checkpoint
 
 from .lm import HNetForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# stored dtype name -> torch dtype; bf16 has no numpy twin, so its bits are read through an int16 view
+STORED_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+                 "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool, "uint32": torch.uint32}
+BITS = {torch.bfloat16: torch.int16}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -66,9 +75,9 @@ def read_safetensors_dir(directory: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
-                 ) -> tuple[dict[str, torch.Tensor], HNetConfig]:
-    """(state dict, config) from an official .pt (+ optional config) or one of our model directories."""
+def _checkpoint_path(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None
+                     ) -> tuple[str, str | os.PathLike | HNetConfig | None]:
+    """(file or model directory to read, config) for a path the user gave."""
     path = resolve_model_path(path)  # a training run directory -> its final model or newest checkpoint
     if not os.path.exists(path):
         raise HNetError(f"model not found: {path} (give a model directory or a .pt checkpoint)")
@@ -81,6 +90,13 @@ def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig
         if config is None and os.path.exists(os.path.join(path, io.CONFIG_NAME)):
             config = os.path.join(path, io.CONFIG_NAME)
         path = os.path.join(path, pts[0])
+    return path, config
+
+
+def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
+                 ) -> tuple[dict[str, torch.Tensor], HNetConfig]:
+    """(state dict, config) from an official .pt (+ optional config) or one of our model directories."""
+    path, config = _checkpoint_path(path, config)
     if os.path.isdir(path):
         weights = read_safetensors_dir(path)
         cfg = config if isinstance(config, HNetConfig) else HNetConfig.from_json(config or os.path.join(path, io.CONFIG_NAME))
@@ -102,20 +118,73 @@ def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig
 
 def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None,
                     dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> HNetForCausalLM:
-    """An eval-mode HNetForCausalLM with the weights of `path` (see module docstring)."""
-    weights, cfg = load_weights(path, config)
+    """An eval-mode HNetForCausalLM with the weights of `path` (see module docstring).
+
+    The model is built without storage (meta device), given uninitialised storage in its own dtype,
+    and each tensor is read from the file straight into it (or through one tensor-sized buffer when
+    it changes dtype or device): memory holds the model plus one tensor, never a second copy."""
+    stored, cfg = stored_weights(path, config)
     torch_dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = HNetForCausalLM(cfg, dtype=torch_dtype)
-    model = model.to_empty(device=device or "cpu")
-    # residual_proj stays fp32 whatever the model dtype (official), so cast per parameter.
-    with torch.no_grad():
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=False)
-    if missing or unexpected:  # check_shapes already guarantees this; kept as an invariant
-        raise AssertionError(f"state dict mismatch after shape check: {missing} {unexpected}")
-    if cfg.tie_embeddings:
+    model = model.to_empty(device=device or "cpu")  # to_empty unties: tie afterwards
+    if cfg.tie_embeddings:  # lm_head's own storage is dropped untouched; the embedding is filled once
         model.lm_head.weight = model.embeddings.weight
+    params = dict(model.state_dict(keep_vars=True))
+    unexpected = set(stored) - set(params)
+    if unexpected:  # check_shapes already guarantees this; kept as an invariant
+        raise AssertionError(f"state dict mismatch after shape check: {sorted(unexpected)}")
+    with torch.no_grad():
+        for name, target in params.items():
+            if cfg.tie_embeddings and name == "lm_head.weight":
+                continue  # the embedding's storage
+            _fill(target, stored[name])
     return model.eval()
+
+
+def _fill(target: torch.Tensor, stored: StoredTensor | torch.Tensor) -> None:
+    """Copy one stored tensor into `target` (residual_proj stays fp32 whatever the model dtype, so the
+    dtype is decided per parameter)."""
+    if isinstance(stored, torch.Tensor):  # a legacy checkpoint, already in memory
+        target.copy_(stored)
+        return
+    source_dtype = STORED_DTYPES[stored.dtype]
+    if target.dtype == source_dtype and target.device.type == "cpu" and target.is_contiguous():
+        bits = target.detach()  # straight from the file into the model's storage:
+        stored.read_into((bits.view(BITS[source_dtype]) if source_dtype in BITS else bits).numpy())
+        return
+    array = torch.from_numpy(stored.read())
+    target.copy_(array.view(torch.bfloat16) if stored.dtype == "bfloat16" else array)
+
+
+def stored_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None
+                   ) -> tuple[dict[str, StoredTensor | torch.Tensor], HNetConfig]:
+    """Like `load_weights`, but where each tensor is in the file instead of the tensors: nothing is read
+    but names, dtypes and shapes. A legacy (pre-zip) .pt, which only torch.load reads, is read whole.
+    (No MLX twin: mx.load already reads safetensors lazily, and MLX never loads a .pt, it converts it.)"""
+    path, config = _checkpoint_path(path, config)
+    if os.path.isdir(path):
+        if not io.is_model_dir(path):
+            raise HNetError(f"{path} is not a model directory (expected {io.CONFIG_NAME} and {io.WEIGHTS_NAME})")
+        stored = {}
+        for file in io.weight_files(path):
+            stored.update(safetensors_entries(file, io.read_safetensors_header(file)))
+        cfg = config if isinstance(config, HNetConfig) else HNetConfig.from_json(config or os.path.join(path, io.CONFIG_NAME))
+    elif path.endswith(".safetensors"):
+        stored = safetensors_entries(path, io.read_safetensors_header(path))
+        cfg = None
+    elif zipfile.is_zipfile(path):
+        stored = _read_zip_checkpoint(path)
+        cfg = None
+    else:
+        return load_weights(path, config)
+    if cfg is None:
+        shapes = {k: v.shape for k, v in stored.items()}
+        cfg = config if isinstance(config, HNetConfig) else config_for_weights(shapes, config)
+    if cfg.quantization is not None:
+        raise HNetError(f"{path} holds quantized MLX weights; load it with hnet_mlx.load or convert it with `hnet convert mlx-to-torch`")
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in stored.items()}, path)
+    return stored, cfg
 
 
 def save_pretrained(model: HNetForCausalLM, directory: str | os.PathLike, force: bool = False,

@@ -292,6 +292,8 @@ def test_failed_conversion_leaves_no_output_and_no_temp_files(tmp_path):
     (["torch-to-mlx", "nowhere/../missing.pt", "OUT"], "not found"),
     (["torch-to-mlx", PT, "OUT"], "--config"),  # not an official checkpoint: needs its config
     (["torch-to-mlx", PT, "OUT", "--config", CFG, "--q-bits", "8"], "-q/--quantize"),
+    (["torch-to-mlx", PT, "OUT", "--config", CFG, "-q", "--q-embedding", "--q-group-size", "128"],
+     "multiple of --q-group-size 128"),  # d_model[0] is 64
     (["mlx-to-torch", FIXTURE_DIR, "OUT"], "not a model directory"),
     (["mlx-to-torch", PT, "OUT"], "convert it first"),
 ])

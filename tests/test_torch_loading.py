@@ -10,6 +10,7 @@ import torch
 
 from hnet_core import HNetError, mlx_lm_files
 from hnet_core.io import INDEX_NAME
+import hnet_torch
 from hnet_torch import load_pretrained, save_pretrained
 
 from conftest import FIXTURE_DIR, TEXT, config_2stage, random_torch_model
@@ -115,8 +116,9 @@ def test_pickled_objects_are_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"embeddings.weight": Evil()}, path)
-    with pytest.raises(HNetError, match="cannot read"):
-        load_pretrained(path, config=CFG)
+    for load in (load_pretrained, hnet_torch.load_weights):
+        with pytest.raises(HNetError, match="cannot read|refusing to load it"):
+            load(path, config=CFG)
 
 
 def test_truncated_safetensors_dir_is_reported(tmp_path):
@@ -168,3 +170,20 @@ def test_lr_multipliers_follow_levels():
     assert mult["backbone.main_network.main_network.pad_dimension"] == 0.9
     with pytest.raises(HNetError, match="one learning-rate multiplier per level"):
         model.lr_multipliers([1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_and_bf16_checkpoints_load_exactly(tmp_path, dtype):
+    # torch.save keeps views as (storage, offset, strides): a transposed weight and a slice of a
+    # shared storage must come back as the same values, read straight into the model or cast
+    sd = {k: v.to(dtype) for k, v in torch.load(PT, weights_only=True).items()}
+    name = "lm_head.weight"
+    sd[name] = sd[name].t().contiguous().t()
+    assert not sd[name].is_contiguous()
+    bias = "backbone.residual_proj.bias"
+    sd[bias] = torch.cat([torch.zeros(3, dtype=dtype), sd[bias]])[3:]  # offset into a longer storage
+    path = _save_sd(tmp_path, sd, "strided.pt")
+    for model_dtype in ("float32", "bfloat16"):
+        state = load_pretrained(path, config=CFG, dtype=model_dtype).state_dict()
+        for k, v in sd.items():
+            assert torch.equal(state[k].float(), v.to(state[k].dtype).float()), (k, model_dtype)

@@ -1,5 +1,5 @@
 """Reading .pt checkpoints without torch (hnet_core.torch_zip): the same tensors as torch.load, bf16
-and strided views included; anything but tensors is refused; `hnet convert torch-to-mlx` with torch
+(bit for bit) and strided views included; anything but tensors is refused; `hnet convert torch-to-mlx` with torch
 blocked writes exactly what it writes with torch importable."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ BLOCK_TORCH = "import sys; sys.modules['torch'] = None; "  # `import torch` now 
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def test_reads_the_same_tensors_as_torch_load(tmp_path):
@@ -39,8 +39,9 @@ def test_reads_the_same_tensors_as_torch_load(tmp_path):
         assert list(ours) == list(ref)
         for name, tensor in ref.items():
             assert ours[name].dtype == str(tensor.dtype).removeprefix("torch.")
-            assert ours[name].array.shape == tuple(tensor.shape)
-            assert np.array_equal(ours[name].array, as_numpy(tensor.detach())), name
+            assert ours[name].shape == tuple(tensor.shape)
+            array = ours[name].read()  # bf16 as its bits
+            assert array.shape == tuple(tensor.shape) and np.array_equal(array, as_numpy(tensor.detach())), name
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"model": {"w": torch.ones(2)}, "step": 3}, wrapped)
     assert list(read_state_dict(str(wrapped))) == ["w"]
@@ -96,7 +97,7 @@ def test_bf16_checkpoint_converts_exactly_without_torch(tmp_path):
     torch.save({k: v.to(torch.bfloat16) for k, v in ref.items()}, bf16)
     code = BLOCK_TORCH + (
         "import mlx.core as mx, numpy as np; from hnet_mlx.convert import _read_pt; w = _read_pt(sys.argv[1]); "
-        "print(all(v.dtype == mx.bfloat16 for v in w.values())); "
+        "w = {k: w.load(k) for k in w}; print(all(v.dtype == mx.bfloat16 for v in w.values())); "
         "np.savez(sys.argv[2], **{k: np.array(v.astype(mx.float32)) for k, v in w.items()})")
     out = tmp_path / "back.npz"
     result = subprocess.run([sys.executable, "-c", code, str(bf16), str(out)], capture_output=True, text=True,
