@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -32,10 +33,12 @@ from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.io import read_json
 from hnet_core.step_threads import ENV as STEP_THREADS_ENV, steps_in_parallel
+from hnet_core.tokenizer import BOS_ID
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
 STEP_VARIANTS = ("auto", "where", "cond")
+WARM_ROLES = ("prefill", "extend", "step")  # what a caller of warm_up will do
 _MIN_CAPACITY = 64
 
 
@@ -182,8 +185,8 @@ class OnnxHNet:
         return options
 
     def _session(self, name: str) -> ort.InferenceSession:
-        """The onnxruntime session of one graph, created on first use (a step variant that is never
-        used costs no load time)."""
+        """The onnxruntime session of one graph. warm_up creates the ones a caller will use at load;
+        one it did not foresee (a batch size it was not told) is created here on first use."""
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
@@ -277,16 +280,30 @@ class OnnxHNet:
         for name in self._growable:
             self._states[name] = self._pad_slots(self._states[name], self._capacity)
 
-    def warm_up(self, batch: int = 1) -> None:
-        """Create now the step session that decoding `batch` samples will use (creating it costs
-        about a second for the bundled model, otherwise paid by the first decode step)."""
-        before, self._batch = self._batch, batch
+    def warm_up(self, batch: int | None = 1, roles: Sequence[str] = WARM_ROLES) -> None:
+        """Create now every session that `roles` (prefill, extend, step) will use and run each once
+        on one byte per sample, so that neither creating a session (seconds for a large model) nor a
+        session's first run (its buffers, an If's branch) lands on a user's first bytes. batch: the
+        batch size decoding will use, which picks the step graph (None: every step graph, for a
+        caller whose batch size changes). The live state is left as it was."""
+        unknown = set(roles) - set(WARM_ROLES)
+        if unknown:
+            raise HNetError(f"warm_up roles must be among {', '.join(WARM_ROLES)}, got {sorted(unknown)}")
+        sizes = [1, 2] if batch is None else [int(batch)]
+        kept = (self._states, self._position, self._capacity, self._reserve, self._batch)
         try:
-            self._session_for_step()
+            for b in sizes:
+                byte = np.full((b, 1), BOS_ID, dtype=np.int64)
+                self.prefill(byte)  # the prefill session always exists (created by __init__)
+                if "extend" in roles and "extend" in self.meta["graphs"]:
+                    self.extend(byte)
+                if "step" in roles:
+                    self.step(byte)
+                    self.step(byte)  # the If of step_cond runs its other branch on some models' second byte
         finally:
-            self._batch = before
+            self._states, self._position, self._capacity, self._reserve, self._batch = kept
 
-    def _session_for_step(self) -> ort.InferenceSession:
+    def _step_graph(self, batch: int) -> str:
         variant = self.step_variant
         if variant == "auto":
             # At batch 1 on CPU the If of step_cond.onnx skips the inner levels off-boundary, float or
@@ -294,8 +311,11 @@ class OnnxHNet:
             # int4 on the hnet_1stage_L shape). At batch > 1 some sample is nearly always at a boundary,
             # and on CUDA the If would synchronise with the host every byte.
             cond = "step_cond" in self.meta["graphs"]
-            variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
-        return self._session("step_cond" if variant == "cond" else "step")
+            variant = "cond" if (cond and batch == 1 and self.device == "cpu") else "where"
+        return "step_cond" if variant == "cond" else "step"
+
+    def _session_for_step(self) -> ort.InferenceSession:
+        return self._session(self._step_graph(self._batch))
 
     def extend(self, input_ids, mask=None, capacity: int | None = None) -> OnnxOutput:
         """Continue the live states with a piece (B, L), right-padded with `mask` (default: all real);
