@@ -4,7 +4,7 @@ weight pre-packing costs in resident memory and what it buys in bytes/s (issue 2
     python -m bench.bench_onnx_memory EXPORT_DIR [--quantized INT8_DIR INT4_DIR] [--steps 200]
 
 For the float32 export EXPORT_DIR, each pre-packing policy of OnnxHNet (`prepack=None`: the
-default, `False`, `True`), and for every quantized export its default, a fresh process loads the
+default, `False`: none, `True`: all, or only the step graphs), and the same for every quantized export, a fresh process loads the
 model (OnnxHNet + warm_up(1): every session it will use, created and run once), prefills 512 bytes
 of English (best of 3), takes a first decode step, then teacher-forces `--steps` more bytes at
 batch 1. It reports load time, prefill and decode bytes/s, the first step, the resident set after
@@ -27,6 +27,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, "..", "..", "shared", "data", "austen.txt.xz")
 PROMPT = 512
+# --policies: OnnxHNet's prepack argument (None: its default; a tuple: the graphs that pre-pack)
+POLICIES = {"default": None, "off": False, "all": True, "step": ("step", "step_cond"),
+            "step+extend": ("step", "step_cond", "extend")}
 
 
 def _status() -> dict[str, int]:
@@ -49,7 +52,7 @@ def worker(path: str, prepack: str, steps: int) -> dict:
         data = f.read(200_000)[100_000 : 100_000 + PROMPT + steps + 1]
     ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)[None]
     started = time.perf_counter()
-    model = OnnxHNet(path, provider="cpu", prepack={"default": None, "on": True, "off": False}[prepack])
+    model = OnnxHNet(path, provider="cpu", prepack=POLICIES[prepack])
     model.warm_up(1)
     load = time.perf_counter() - started
     after_load = _status()
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("export", nargs="?")
     parser.add_argument("--quantized", nargs="*", default=[], help="quantized exports of the same model")
-    parser.add_argument("--policies", nargs="*", default=["default", "off", "on"], help="float32 prepack policies")
+    parser.add_argument("--policies", nargs="*", default=["default", "off", "step", "all"], choices=sorted(POLICIES),
+                        help="pre-packing policies to run on every export")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -94,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         job = json.loads(args.worker)
         print(json.dumps(worker(job["path"], job["prepack"], job["steps"])))
         return
-    rows = [(os.path.basename(args.export.rstrip("/")), p, run(args.export, p, args.steps)) for p in args.policies]
-    rows += [(os.path.basename(q.rstrip("/")), "default", run(q, "default", args.steps)) for q in args.quantized]
+    rows = [(os.path.basename(d.rstrip("/")), p, run(d, p, args.steps))
+            for d in [args.export, *args.quantized] for p in args.policies]
     print("| export | prepack | weights MB | load s | prefill B/s | first step ms | decode B/s | RSS after load MB "
           "| peak RSS MB | of which file / anon at end MB | peak / weights |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

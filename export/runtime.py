@@ -39,6 +39,8 @@ FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the 
 PROVIDERS = ("auto", "cpu", "cuda")
 STEP_VARIANTS = ("auto", "where", "cond")
 WARM_ROLES = ("prefill", "extend", "step")  # what a caller of warm_up will do
+STEP_GRAPHS = ("step", "step_cond")
+PREPACK_MAX_WEIGHTS = 400_000_000  # bytes of float weights up to which the step graphs pre-pack by default
 _MIN_CAPACITY = 64
 
 
@@ -86,6 +88,7 @@ class SharedWeights:
             raise HNetError(f"{path} not found; re-export the model with `hnet export onnx`")
         self.buffer = np.memmap(path, dtype=np.uint8, mode="r")
         self.values: dict[str, ort.OrtValue] = {}
+        self.nbytes = int(self.buffer.size)
         for name, t in table["tensors"].items():
             end = t["offset"] + t["length"]
             if end > self.buffer.size:
@@ -173,16 +176,25 @@ class OnnxHNet:
             # Spinning threads wait for work by burning a core; between decode steps (Python,
             # sampling) and on a busy machine that core is taken from someone who needs it.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        prepack = self.prepack
-        if prepack is None:
-            prepack = self.quantization is not None or name != "prefill"
-        if not prepack:
+        if not self._prepacks(name):
             # Pre-packing copies every MatMul weight into a kernel-specific layout owned by the
             # session: one more copy of the model per session.
             options.add_session_config_entry("session.disable_prepacking", "1")
         if self.shared_weights is not None:
             self.shared_weights.add_to(options)
         return options
+
+    def _prepacks(self, name: str) -> bool:
+        """Whether the session of graph `name` pre-packs its weights (a private re-laid-out copy)."""
+        if isinstance(self.prepack, bool):
+            return self.prepack
+        if self.prepack is not None:
+            return name in self.prepack
+        if name not in STEP_GRAPHS:
+            return False  # prefill and extend multiply many rows: MLAS packs panels as it goes
+        if self.quantization is not None or self.shared_weights is None:
+            return True
+        return self.shared_weights.nbytes <= PREPACK_MAX_WEIGHTS
 
     def _session(self, name: str) -> ort.InferenceSession:
         """The onnxruntime session of one graph. warm_up creates the ones a caller will use at load;
@@ -261,11 +273,15 @@ class OnnxHNet:
         self._batch = B
         self._states = None
         if self._position <= self.max_seqlen:
-            # Kept as returned; sized and moved to the device by the first step (an evaluation that
-            # only prefills pays nothing for decode buffers).
+            # Kept as returned (an evaluation that only prefills pays nothing for decode buffers);
+            # sized and moved to the device here when the caller says it will decode (capacity),
+            # else by the first step. Padding the caches costs as much as a step or more: done here,
+            # it is prompt time, and the first decode step costs what the others do.
             self._states = dict(zip(self._state_names, outputs[first_state:]))
             self._capacity = 0
             self._reserve = max(capacity or 0, self._position + _MIN_CAPACITY)
+            if capacity is not None:
+                self._start_decoding()
         return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=False))
 
     def _start_decoding(self) -> None:
