@@ -6,13 +6,15 @@
     out = m.extend(piece_ids, piece_mask)           # continue the live states with a piece (any length)
     out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
 
-Every session of one OnnxHNet (prefill, step, step_cond) uses the same copy of the weights: the
-export's weights file is mapped once and its tensors are handed to each session with
+Every session of one OnnxHNet (prefill, extend, step, step_cond) uses the same copy of the
+weights: the export's weights file is mapped once and its tensors are handed to each session with
 SessionOptions.add_initializer (onnxruntime then neither reads nor copies them). The CPU
-provider's weight pre-packing gives each session a private re-laid-out copy, so by default only
-the step graphs of a float export pre-pack (a matrix-vector product per byte is ~1.5x slower on
-unpacked weights; prefill multiplies many rows and packs as it goes); prepack=False keeps one
-copy in all (see OnnxHNet and bench/bench_onnx_quant.py).
+provider's weight pre-packing gives each session a private re-laid-out copy (onnxruntime's
+container that shares them between sessions is in its C API only, not in Python), so by default
+a float export pre-packs in its step graphs only, and only up to PREPACK_MAX_WEIGHTS; a quantized
+one in prefill and the step graphs (see OnnxHNet._prepacks, docs/decode-performance.md and
+bench/bench_onnx_memory.py). `hnet generate` calls warm_up: every session it will use is created
+and run once at load.
 
 The recurrent states (see io.json) stay inside the object between calls. On CUDA (onnxruntime-gpu)
 they stay on the device through I/O binding and only the logits and routing outputs come back to
@@ -104,15 +106,15 @@ class SharedWeights:
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
                  step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
-                 prepack: bool | None = None):
+                 prepack: bool | Sequence[str] | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
         levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
         "auto" (cond at batch 1 on CPU, else where). io_binding: keep states in onnxruntime-owned
         buffers between steps (default: on for CUDA). share_weights: give all sessions the one mapped
         copy of an external weights file (default; False lets each session load its own, as before).
-        prepack: let the CPU provider re-lay weights out per session:
-        True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
-        None (default) in the step graphs of float exports and in every graph of quantized ones."""
+        prepack: let the CPU provider re-lay weights out per session: True everywhere, False nowhere
+        (one copy of the weights, slower decoding), a collection of graph names (e.g. ("step",
+        "step_cond")), or None (default: see _prepacks)."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
@@ -190,11 +192,19 @@ class OnnxHNet:
             return self.prepack
         if self.prepack is not None:
             return name in self.prepack
+        if self.shared_weights is None:
+            return True  # every session loads its own weights anyway
+        if name == "prefill":
+            # Float MatMuls on many rows pack panels as they go; MatMulNBits without its packed
+            # layout dequantizes every block on every call (3x slower prefill, bench_onnx_memory).
+            return self.quantization is not None
         if name not in STEP_GRAPHS:
-            return False  # prefill and extend multiply many rows: MLAS packs panels as it goes
-        if self.quantization is not None or self.shared_weights is None:
-            return True
-        return self.shared_weights.nbytes <= PREPACK_MAX_WEIGHTS
+            # extend: only prompts longer than one piece and a server's later pieces use it; its
+            # copy would be a third one (quantized pieces after the first read 3x slower).
+            return False
+        # One row per byte: unpacked float weights decode 10-20% slower, unpacked MatMulNBits 2-3x.
+        # The packed copy doubles a float model's memory: above PREPACK_MAX_WEIGHTS the 1.3x budget wins.
+        return self.quantization is not None or self.shared_weights.nbytes <= PREPACK_MAX_WEIGHTS
 
     def _session(self, name: str) -> ort.InferenceSession:
         """The onnxruntime session of one graph. warm_up creates the ones a caller will use at load;
