@@ -193,7 +193,8 @@ class OnnxHNet:
         if self.prepack is not None:
             return name in self.prepack
         if self.shared_weights is None:
-            return True  # every session loads its own weights anyway
+            # Weights inside each graph (exports under 64 MiB): every session holds its own anyway.
+            return self.quantization is not None or name != "prefill"
         if name == "prefill":
             # Float MatMuls on many rows pack panels as they go; MatMulNBits without its packed
             # layout dequantizes every block on every call (3x slower prefill, bench_onnx_memory).
