@@ -42,7 +42,9 @@ PROVIDERS = ("auto", "cpu", "cuda")
 STEP_VARIANTS = ("auto", "where", "cond")
 WARM_ROLES = ("prefill", "extend", "step")  # what a caller of warm_up will do
 STEP_GRAPHS = ("step", "step_cond")
-PREPACK_MAX_WEIGHTS = 400_000_000  # bytes of float weights up to which the step graphs pre-pack by default
+# Bytes of float weights up to which the step graphs pre-pack by default: the mapped weights, one
+# packed copy and ~0.25 GB of process, buffers and caches stay within 1.3x the weights + 0.4 GB.
+PREPACK_MAX_WEIGHTS = 200_000_000
 _MIN_CAPACITY = 64
 
 
