@@ -6,13 +6,15 @@
     out = m.extend(piece_ids, piece_mask)           # continue the live states with a piece (any length)
     out = m.step(next_ids)                          # (B, 1) -> out.logits (B, 1, 256); states live in m
 
-Every session of one OnnxHNet (prefill, step, step_cond) uses the same copy of the weights: the
-export's weights file is mapped once and its tensors are handed to each session with
+Every session of one OnnxHNet (prefill, extend, step, step_cond) uses the same copy of the
+weights: the export's weights file is mapped once and its tensors are handed to each session with
 SessionOptions.add_initializer (onnxruntime then neither reads nor copies them). The CPU
-provider's weight pre-packing gives each session a private re-laid-out copy, so by default only
-the step graphs of a float export pre-pack (a matrix-vector product per byte is ~1.5x slower on
-unpacked weights; prefill multiplies many rows and packs as it goes); prepack=False keeps one
-copy in all (see OnnxHNet and bench/bench_onnx_quant.py).
+provider's weight pre-packing gives each session a private re-laid-out copy (onnxruntime's
+container that shares them between sessions is in its C API only, not in Python), so by default
+a float export pre-packs in its step graphs only, and only up to PREPACK_MAX_WEIGHTS; a quantized
+one in prefill and the step graphs (see OnnxHNet._prepacks, docs/decode-performance.md and
+bench/bench_onnx_memory.py). `hnet generate` calls warm_up: every session it will use is created
+and run once at load.
 
 The recurrent states (see io.json) stay inside the object between calls. On CUDA (onnxruntime-gpu)
 they stay on the device through I/O binding and only the logits and routing outputs come back to
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -32,10 +35,16 @@ from hnet_core.config import HNetConfig
 from hnet_core.errors import HNetError
 from hnet_core.io import read_json
 from hnet_core.step_threads import ENV as STEP_THREADS_ENV, steps_in_parallel
+from hnet_core.tokenizer import BOS_ID
 
 FORMAT_VERSION = 1  # of export.json / io.json (hnet_export.exporter writes the same number)
 PROVIDERS = ("auto", "cpu", "cuda")
 STEP_VARIANTS = ("auto", "where", "cond")
+WARM_ROLES = ("prefill", "extend", "step")  # what a caller of warm_up will do
+STEP_GRAPHS = ("step", "step_cond")
+# Bytes of float weights up to which the step graphs pre-pack by default: the mapped weights, one
+# packed copy and ~0.25 GB of process, buffers and caches stay within 1.3x the weights + 0.4 GB.
+PREPACK_MAX_WEIGHTS = 200_000_000
 _MIN_CAPACITY = 64
 
 
@@ -83,6 +92,7 @@ class SharedWeights:
             raise HNetError(f"{path} not found; re-export the model with `hnet export onnx`")
         self.buffer = np.memmap(path, dtype=np.uint8, mode="r")
         self.values: dict[str, ort.OrtValue] = {}
+        self.nbytes = int(self.buffer.size)
         for name, t in table["tensors"].items():
             end = t["offset"] + t["length"]
             if end > self.buffer.size:
@@ -98,15 +108,15 @@ class SharedWeights:
 class OnnxHNet:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None,
                  step_variant: str = "auto", io_binding: bool | None = None, share_weights: bool = True,
-                 prepack: bool | None = None):
+                 prepack: bool | Sequence[str] | None = None):
         """Load an exported directory. step_variant: "where" (every level every step), "cond" (inner
         levels only when some sample is at a boundary; in every export unless --no-batch-variants) or
         "auto" (cond at batch 1 on CPU, else where). io_binding: keep states in onnxruntime-owned
         buffers between steps (default: on for CUDA). share_weights: give all sessions the one mapped
         copy of an external weights file (default; False lets each session load its own, as before).
-        prepack: let the CPU provider re-lay weights out per session:
-        True everywhere, False nowhere (one copy of the weights, slower decoding of float exports),
-        None (default) in the step graphs of float exports and in every graph of quantized ones."""
+        prepack: let the CPU provider re-lay weights out per session: True everywhere, False nowhere
+        (one copy of the weights, slower decoding), a collection of graph names (e.g. ("step",
+        "step_cond")), or None (default: see _prepacks)."""
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise HNetError(f"ONNX model directory not found: {path} (create it with `hnet export onnx`)")
@@ -170,10 +180,7 @@ class OnnxHNet:
             # Spinning threads wait for work by burning a core; between decode steps (Python,
             # sampling) and on a busy machine that core is taken from someone who needs it.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        prepack = self.prepack
-        if prepack is None:
-            prepack = self.quantization is not None or name != "prefill"
-        if not prepack:
+        if not self._prepacks(name):
             # Pre-packing copies every MatMul weight into a kernel-specific layout owned by the
             # session: one more copy of the model per session.
             options.add_session_config_entry("session.disable_prepacking", "1")
@@ -181,9 +188,30 @@ class OnnxHNet:
             self.shared_weights.add_to(options)
         return options
 
+    def _prepacks(self, name: str) -> bool:
+        """Whether the session of graph `name` pre-packs its weights (a private re-laid-out copy)."""
+        if isinstance(self.prepack, bool):
+            return self.prepack
+        if self.prepack is not None:
+            return name in self.prepack
+        if self.shared_weights is None:
+            # Weights inside each graph (exports under 64 MiB): every session holds its own anyway.
+            return self.quantization is not None or name != "prefill"
+        if name == "prefill":
+            # Float MatMuls on many rows pack panels as they go; MatMulNBits without its packed
+            # layout dequantizes every block on every call (3x slower prefill, bench_onnx_memory).
+            return self.quantization is not None
+        if name not in STEP_GRAPHS:
+            # extend: only prompts longer than one piece and a server's later pieces use it; its
+            # copy would be a third one (quantized pieces after the first read 3x slower).
+            return False
+        # One row per byte: unpacked float weights decode 10-20% slower, unpacked MatMulNBits 2-3x.
+        # The packed copy doubles a float model's memory: above PREPACK_MAX_WEIGHTS the 1.3x budget wins.
+        return self.quantization is not None or self.shared_weights.nbytes <= PREPACK_MAX_WEIGHTS
+
     def _session(self, name: str) -> ort.InferenceSession:
-        """The onnxruntime session of one graph, created on first use (a step variant that is never
-        used costs no load time)."""
+        """The onnxruntime session of one graph. warm_up creates the ones a caller will use at load;
+        one it did not foresee (a batch size it was not told) is created here on first use."""
         if name not in self.sessions:
             graph_path = os.path.join(self.path, self.meta["graphs"][name])
             try:
@@ -258,11 +286,15 @@ class OnnxHNet:
         self._batch = B
         self._states = None
         if self._position <= self.max_seqlen:
-            # Kept as returned; sized and moved to the device by the first step (an evaluation that
-            # only prefills pays nothing for decode buffers).
+            # Kept as returned (an evaluation that only prefills pays nothing for decode buffers);
+            # sized and moved to the device here when the caller says it will decode (capacity),
+            # else by the first step. Padding the caches costs as much as a step or more: done here,
+            # it is prompt time, and the first decode step costs what the others do.
             self._states = dict(zip(self._state_names, outputs[first_state:]))
             self._capacity = 0
             self._reserve = max(capacity or 0, self._position + _MIN_CAPACITY)
+            if capacity is not None:
+                self._start_decoding()
         return OnnxOutput(np.asarray(outputs[0], dtype=np.float32), self._routing(outputs, 1, step=False))
 
     def _start_decoding(self) -> None:
@@ -277,16 +309,30 @@ class OnnxHNet:
         for name in self._growable:
             self._states[name] = self._pad_slots(self._states[name], self._capacity)
 
-    def warm_up(self, batch: int = 1) -> None:
-        """Create now the step session that decoding `batch` samples will use (creating it costs
-        about a second for the bundled model, otherwise paid by the first decode step)."""
-        before, self._batch = self._batch, batch
+    def warm_up(self, batch: int | None = 1, roles: Sequence[str] = WARM_ROLES) -> None:
+        """Create now every session that `roles` (prefill, extend, step) will use and run each once
+        on one byte per sample, so that neither creating a session (seconds for a large model) nor a
+        session's first run (its buffers, an If's branch) lands on a user's first bytes. batch: the
+        batch size decoding will use, which picks the step graph (None: every step graph, for a
+        caller whose batch size changes). The live state is left as it was."""
+        unknown = set(roles) - set(WARM_ROLES)
+        if unknown:
+            raise HNetError(f"warm_up roles must be among {', '.join(WARM_ROLES)}, got {sorted(unknown)}")
+        sizes = [1, 2] if batch is None else [int(batch)]
+        kept = (self._states, self._position, self._capacity, self._reserve, self._batch)
         try:
-            self._session_for_step()
+            for b in sizes:
+                byte = np.full((b, 1), BOS_ID, dtype=np.int64)
+                self.prefill(byte)  # the prefill session always exists (created by __init__)
+                if "extend" in roles and "extend" in self.meta["graphs"]:
+                    self.extend(byte)
+                if "step" in roles:
+                    self.step(byte)
+                    self.step(byte)  # the If of step_cond runs its other branch on some models' second byte
         finally:
-            self._batch = before
+            self._states, self._position, self._capacity, self._reserve, self._batch = kept
 
-    def _session_for_step(self) -> ort.InferenceSession:
+    def _step_graph(self, batch: int) -> str:
         variant = self.step_variant
         if variant == "auto":
             # At batch 1 on CPU the If of step_cond.onnx skips the inner levels off-boundary, float or
@@ -294,8 +340,11 @@ class OnnxHNet:
             # int4 on the hnet_1stage_L shape). At batch > 1 some sample is nearly always at a boundary,
             # and on CUDA the If would synchronise with the host every byte.
             cond = "step_cond" in self.meta["graphs"]
-            variant = "cond" if (cond and self._batch == 1 and self.device == "cpu") else "where"
-        return self._session("step_cond" if variant == "cond" else "step")
+            variant = "cond" if (cond and batch == 1 and self.device == "cpu") else "where"
+        return "step_cond" if variant == "cond" else "step"
+
+    def _session_for_step(self) -> ort.InferenceSession:
+        return self._session(self._step_graph(self._batch))
 
     def extend(self, input_ids, mask=None, capacity: int | None = None) -> OnnxOutput:
         """Continue the live states with a piece (B, L), right-padded with `mask` (default: all real);

@@ -24,6 +24,10 @@ class ServeBackend:
     def __init__(self, path: str, provider: str = "auto", threads: int | None = None):
         self.prefiller = OnnxHNet(path, provider=provider, threads=threads)
         self.decoder = OnnxHNet(path, provider=provider, threads=threads)
+        # Every session is created and run once now, not on the first request: the prefiller reads
+        # prompts in pieces, the decoder steps batches whose size changes as requests come and go.
+        self.prefiller.warm_up(roles=("prefill", "extend"))
+        self.decoder.warm_up(batch=None, roles=("step",))
         self.max_seqlen = self.decoder.max_seqlen
         self.prefilling: Handle | None = None  # the handle live in self.prefiller
         self.batch: Handle | None = None  # the handle live in self.decoder

@@ -203,6 +203,7 @@ def run_generation(loaded, prompts: list[bytes], max_tokens: int, temperature: f
             for i, t in enumerate(texts):
                 safe_write(out, f"=== [{i}] {show_bytes(prompts[i])!r}\n{t}\n")
     if verbose and stats is not None:
+        stats.load_seconds = getattr(loaded, "load_seconds", None)
         print_stats(stats)
     return texts
 
@@ -221,8 +222,13 @@ def print_stats(stats) -> None:
     err = sys.stderr
     peak_memory = stats.peak_memory
     err.write("=" * 10 + "\n")
+    if stats.load_seconds is not None:
+        err.write(f"Load: {stats.load_seconds:.2f} s\n")
     err.write(f"Prompt: {stats.prompt_bytes} bytes, {stats.prefill_bytes_per_second:.1f} bytes/s\n")
     err.write(f"Generation: {stats.generated_bytes} bytes, {stats.decode_bytes_per_second:.1f} bytes/s\n")
+    if stats.first_step_seconds is not None:  # the Generation rate includes the first step; this splits it off
+        err.write(f"Decode: first step {stats.first_step_seconds * 1e3:.1f} ms, then "
+                  f"{stats.steady_bytes_per_second:.1f} bytes/s\n")
     if peak_memory:
         err.write(f"Peak memory: {peak_memory[0] / 1e9:.3f} GB ({peak_memory[1]})\n")
     for s, ratio in enumerate(stats.chunk_lengths):
@@ -261,7 +267,7 @@ def generate(backend, model_path, config, prompts, dtype, device, **kw):
     prompts = read_prompts(prompts)
     if model_path is None:
         model_path = DEMO_MODEL  # for onnx: its export, built once into the user's cache (backends.py)
-    loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device)
+    loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device, batch=len(prompts))
     run_generation(loaded, prompts, **kw)
 
 

@@ -197,6 +197,7 @@ def stream_generate(adapter: Adapter, prompts: str | bytes | Sequence[str | byte
     stats.prefill_seconds = time.perf_counter() - t0
     stats.add_routing(out.valid.sum(1).tolist(), out.boundaries.sum(1).tolist())
     t0 = time.perf_counter()
+    first_step_end, steady_from = 0.0, 0
     for n in range(max_tokens):
         nxt = sampler(out.logits, history)
         step_bytes: list[int | None] = []
@@ -211,14 +212,23 @@ def stream_generate(adapter: Adapter, prompts: str | bytes | Sequence[str | byte
             step_bytes.append(byte)
             texts.append(streams[b].feed(byte))
             stats.generated_bytes += 1
+        if n == 1:
+            steady_from = stats.generated_bytes  # this iteration's bytes came from the first step
         if all(s.done for s in streams) or n == max_tokens - 1:
             texts = [t + (s.finish() if not s.done else "") for t, s in zip(texts, streams)]
-            stats.decode_seconds = time.perf_counter() - t0
+            end = time.perf_counter()
+            stats.decode_seconds = end - t0
+            if n >= 2:
+                stats.steady_bytes, stats.steady_seconds = stats.generated_bytes - steady_from, end - first_step_end
             stats.peak_memory = adapter.peak_memory()
             yield GenerationStep(step_bytes, texts, [True] * B)
             return stats
         yield GenerationStep(step_bytes, texts, [s.done for s in streams])
+        started = time.perf_counter()
         out = adapter.step(cache, np.array([[b if b is not None else 0] for b in step_bytes], dtype=np.int64))
+        if n == 0:
+            first_step_end = time.perf_counter()
+            stats.first_step_seconds = first_step_end - started
         stats.add_routing(out.valid.sum(1).tolist(), out.boundaries.sum(1).tolist())
     return stats
 

@@ -70,7 +70,13 @@ class GenerationStats:
     prompt_bytes: int = 0  # summed over the batch, BOS included
     prefill_seconds: float = 0.0
     generated_bytes: int = 0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # from the end of prefill to the last byte: every step, the first included
+    # The first decode step alone, and what follows it: a first step that pays a one-time cost (a session
+    # created or a kernel compiled on first use) shows here instead of lowering the steady rate.
+    first_step_seconds: float | None = None
+    steady_bytes: int = 0  # bytes produced from the second step's logits on
+    steady_seconds: float = 0.0  # from the end of the first step to the last byte
+    load_seconds: float | None = None  # set by whoever loaded the model (the CLI), not by the engine
     peak_memory: tuple[int, str] | None = None  # (bytes, what was measured): see engine.Adapter.peak_memory
     # Per routing stage: tokens entering the stage and boundaries it selected (prompt + generated).
     stage_tokens: list[int] = field(default_factory=list)
@@ -83,6 +89,11 @@ class GenerationStats:
     @property
     def decode_bytes_per_second(self) -> float:
         return self.generated_bytes / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def steady_bytes_per_second(self) -> float:
+        """The decode rate without the first step (NaN with fewer than three bytes per sample)."""
+        return self.steady_bytes / self.steady_seconds if self.steady_bytes and self.steady_seconds > 0 else float("nan")
 
     @property
     def chunk_lengths(self) -> list[float]:

@@ -215,3 +215,32 @@ def test_help_strings_show_the_engine_default():
     for command in ("generate", "cache-prompt"):
         r = hnet(command, "--help")
         assert f"default {engine.DEFAULT_PREFILL_STEP}" in " ".join(r.output.split()), command
+
+
+class SlowFirstStep(ScriptedAdapter):
+    """The scripted model, whose first decode step costs `delay` seconds (a session created on first use)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay, self.steps = delay, 0
+
+    def step(self, cache, next_bytes):
+        self.steps += 1
+        if self.steps == 1:
+            import time
+
+            time.sleep(self.delay)
+        return super().step(cache, next_bytes)
+
+
+def test_the_statistics_split_the_first_decode_step_from_the_steady_rate():
+    _, stats = run(SlowFirstStep(0.3), [b"ab", b"c"], max_tokens=10)
+    assert stats.generated_bytes == 20
+    assert stats.first_step_seconds >= 0.3
+    assert stats.steady_bytes == 2 * 8  # bytes from the second step's logits on
+    assert stats.steady_seconds <= stats.decode_seconds - 0.3  # the first step is outside the steady window
+    assert stats.steady_bytes_per_second > stats.decode_bytes_per_second
+    _, short = run(SlowFirstStep(0.0), [b"ab"], max_tokens=2)  # one step: a first step and nothing steady
+    assert short.first_step_seconds is not None and np.isnan(short.steady_bytes_per_second)
+    _, none = run(SlowFirstStep(0.0), [b"ab"], max_tokens=1)
+    assert none.first_step_seconds is None
