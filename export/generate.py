@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hnet_core import engine
-from hnet_core.engine import StepResult, rss_peak
+from hnet_core.engine import StepResult
 from hnet_core.errors import HNetError
 
 from .runtime import OnnxHNet
@@ -28,7 +28,7 @@ def _result(out, at: np.ndarray | None = None) -> StepResult:  # logits at `at` 
                       np.stack([r.boundary_mask.sum(-1) for r in out.routing]).astype(np.int64))
 
 
-class Adapter:
+class Adapter(engine.Adapter):
     def __init__(self, model: OnnxHNet):
         self.model, self.config, self.live = model, model.config.to_dict(), None
 
@@ -55,14 +55,7 @@ class Adapter:
     def export_cache(self, cache: LiveState):
         raise HNetError("prompt caches work with the torch and mlx backends, not onnx")
 
-    def import_cache(self, tree: dict, arrays: dict):
-        return self.export_cache(None)
-
-    def reset_peak_memory(self) -> None:
-        pass  # the resident-set peak cannot be reset
-
-    def peak_memory(self) -> tuple[int, str] | None:
-        return rss_peak()
+    # import_cache, reset_peak_memory and peak_memory (the process's resident set): engine.Adapter's.
 
 
 def stream_generate(model: OnnxHNet, prompts, **kwargs):  # engine.stream_generate's arguments
