@@ -24,6 +24,7 @@ from typing import Iterator
 import onnx_ir as ir
 import torch
 
+from hnet_core import io
 from hnet_torch.lm import HNetForCausalLM
 from hnet_torch.loading import load_pretrained, save_pretrained
 
@@ -138,24 +139,32 @@ def default_jobs(weight_bytes: int, graphs: int) -> int:
 
 
 class _Worker:
-    """`python -m hnet_export.tracing TASK`: a fresh interpreter tracing one graph. Not multiprocessing:
-    its spawned children re-run the caller's main script (a script without a __main__ guard would
-    start workers of its own), and a Pool whose worker dies waits forever."""
+    """`python -m hnet_export.tracing TASKS`: a fresh interpreter tracing its share of the graphs, one
+    after another (the imports, a few seconds, are paid once per worker). For each graph it saves
+    `<path>` and then `<path>.json` (how it was captured), so the parent can take the graphs as they
+    come. Not multiprocessing: its spawned children re-run the caller's main script (a script
+    without a __main__ guard would start workers of its own), and a Pool whose worker dies waits
+    forever; here a worker that exits without a graph's marker is an error."""
 
-    def __init__(self, task: dict):
-        self.task = task
-        self.process = subprocess.Popen([sys.executable, "-m", "hnet_export.tracing", json.dumps(task)],
+    def __init__(self, tasks: list[dict]):
+        self.tasks = tasks
+        self.process = subprocess.Popen([sys.executable, "-m", "hnet_export.tracing", json.dumps(tasks)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def result(self) -> tuple[ir.Model, str | None]:
-        out, err = self.process.communicate()
-        if self.process.returncode == _OS_ERROR:  # e.g. a full disk: the parent reports it as its own
-            e = json.loads(out)
-            raise OSError(e["errno"], e["strerror"], e["filename"])
-        if self.process.returncode != 0:
+    def result(self, task: dict) -> tuple[ir.Model, str | None]:
+        marker = task["path"] + ".json"
+        while not os.path.exists(marker) and self.process.poll() is None:
+            time.sleep(0.05)
+        if not os.path.exists(marker):
+            out, err = self.process.communicate()
+            if self.process.returncode == _OS_ERROR:  # e.g. a full disk: the parent reports it as its own
+                e = json.loads(out)
+                raise OSError(e["errno"], e["strerror"], e["filename"])
             last = (err.strip().splitlines() or [f"exit status {self.process.returncode}"])[-1]
-            raise RuntimeError(f"tracing {self.task['name']}.onnx failed in a worker process: {last}")
-        return ir.load(self.task["path"]), json.loads(out)["capture"]
+            raise RuntimeError(f"tracing {task['name']}.onnx failed in a worker process: {last}")
+        with open(marker, encoding="utf-8") as f:
+            how = json.load(f)["capture"]
+        return ir.load(task["path"]), how
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -166,30 +175,26 @@ class _Worker:
 def trace_graphs(model: HNetForCausalLM, names: list[str], max_seqlen: int, dtype: str, opset: int, jobs: int,
                  workdir: str) -> Iterator[tuple[str, ir.Model, str | None]]:
     """(name, ONNX model, capture path) for each graph in `names`, in that order. With jobs > 1 the
-    graphs are traced by up to that many worker processes at once, through files under `workdir`."""
+    graphs are dealt round-robin to that many worker processes, through files under `workdir`."""
     if jobs <= 1:
         for name in names:
             yield name, _trace_graph(model, name, max_seqlen, dtype, opset), capture.last_path()
         return
     model_dir = os.path.join(workdir, "model")
-    started: list[_Worker] = []
+    workers: list[_Worker] = []
     try:
         save_pretrained(model, model_dir)
         tasks = [{"model": model_dir, "name": name, "max_seqlen": max_seqlen, "dtype": dtype, "opset": opset,
                   "path": os.path.join(workdir, name + ".onnx")} for name in names]
-        for i, name in enumerate(names):
-            while len(started) < len(tasks) and sum(w.process.poll() is None for w in started) < jobs:
-                started.append(_Worker(tasks[len(started)]))
-            while started[i].process.poll() is None:  # keep every core busy while waiting for graph i
-                time.sleep(0.05)
-                if len(started) < len(tasks) and sum(w.process.poll() is None for w in started) < jobs:
-                    started.append(_Worker(tasks[len(started)]))
-            model_ir, how = started[i].result()
-            yield name, model_ir, how
+        # names come longest first (prefill, extend, then the steps), so round-robin balances the workers.
+        workers = [_Worker(tasks[i::jobs]) for i in range(min(jobs, len(tasks)))]
+        for i, task in enumerate(tasks):
+            model_ir, how = workers[i % len(workers)].result(task)
+            yield task["name"], model_ir, how
     finally:
         # An error, Ctrl-C, SIGTERM or the caller closing this generator: no worker outlives it, so none
         # writes into the directory after it is removed.
-        for worker in started:
+        for worker in workers:
             worker.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -197,15 +202,16 @@ def trace_graphs(model: HNetForCausalLM, names: list[str], max_seqlen: int, dtyp
 _OS_ERROR = 3  # a worker's exit status for an OSError, whose details it prints as JSON
 
 
-def _main(task: dict) -> int:
+def _main(tasks: list[dict]) -> int:
     torch.set_num_threads(1)  # tracing is Python; the other workers have the other cores
     try:
-        model = load_pretrained(task["model"], dtype=task["dtype"]).eval()
-        ir.save(_trace_graph(model, task["name"], task["max_seqlen"], task["dtype"], task["opset"]), task["path"])
+        model = load_pretrained(tasks[0]["model"], dtype=tasks[0]["dtype"]).eval()
+        for task in tasks:
+            ir.save(_trace_graph(model, task["name"], task["max_seqlen"], task["dtype"], task["opset"]), task["path"])
+            io.atomic_write_text(task["path"] + ".json", json.dumps({"capture": capture.last_path()}))
     except OSError as e:
         print(json.dumps({"errno": e.errno, "strerror": e.strerror, "filename": e.filename}))
         return _OS_ERROR
-    print(json.dumps({"capture": capture.last_path()}))
     return 0
 
 
