@@ -204,10 +204,10 @@ def quality(args, results: dict, save) -> None:
     fp32 = os.path.join(base, "float32")
     if not os.path.exists(os.path.join(fp32, "export.json")):
         export_onnx(os.path.join(ROOT, "hnet_core", "demo_model"), fp32, max_seqlen=1024, force=True)
+    # int4's default keeps only the stage-0 encoder float (weights.KEEP_FLOAT_INT4).
     variants = {"int8": Quantization("int8", args.block_size), "int4": Quantization("int4", args.block_size),
                 "int4, encoders quantized too": Quantization("int4", args.block_size, keep_float=KEEP_FLOAT),
-                "int4, only the stage-0 encoder float": Quantization("int4", args.block_size,
-                                                                     keep_float=KEEP_FLOAT + ("model.backbone.encoder.",)),
+                "int4, every encoder float": Quantization("int4", args.block_size, keep_float=KEEP_FLOAT + ("encoder.",)),
                 "int4 block 128": Quantization("int4", 128)}
     # The Brown corpus's last 300 KB (from a line start), which bench/quality holds out of the bundled
     # model's training data.

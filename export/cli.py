@@ -49,7 +49,7 @@ def _positive(ctx, param, value):
 @click.option("--quantize", default=None, metavar="[int8|int4]",
               help="Weight-only quantization of the Linear weights (onnxruntime MatMulNBits, blockwise with "
                    "scales and zero points); routing q/k projections, LM head, embeddings, norms (and with int4 "
-                   "the encoders) stay float.")
+                   "the outermost encoder) stay float.")
 @click.option("--block-size", default=None, type=int,
               help="Weights per quantization block along the input axis, with --quantize: 16, 32, 64, 128 or "
                    "256.  [default: 32]")
