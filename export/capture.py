@@ -18,7 +18,8 @@ The translation then runs on the captured program itself. This uses torch.onnx's
 (`torch.onnx._internal.exporter`), which is not public API: when anything here fails (another torch
 version, an operator outside the list), `to_onnx` falls back to torch.onnx.export, which is slower
 but gives the same graph. `last_path()` says which one ran (the exporter records it in export.json
-and a test checks the fast path is taken on the torch version CI installs).
+and a test checks the fast path is taken on the torch version CI installs). float16 graphs always
+take torch.onnx.export (see to_onnx).
 """
 
 from __future__ import annotations
@@ -192,7 +193,12 @@ def _two_traces(module, args, input_names, output_names, opset, dynamic_shapes) 
 
 def to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str], opset: int,
             dynamic_shapes, fast: bool = True) -> ir.Model:
-    """The ONNX model of `module` called on `args` (dynamic_shapes: per input, {axis: name})."""
+    """The ONNX model of `module` called on `args` (dynamic_shapes: per input, {axis: name}).
+    float16 modules take torch.onnx.export: there torch.onnx's type promotion computes reductions
+    in float32 ("op math") and casts back, which `_promote_types` does not do (a float16 export
+    through it fails ONNX shape inference)."""
+    if fast and any(t.dtype == torch.float16 for t in (*module.parameters(), *module.buffers())):
+        fast = False
     if fast:
         try:
             model = _one_trace(module, args, input_names, output_names, opset, dynamic_shapes)

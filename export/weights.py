@@ -112,26 +112,42 @@ class LinearWeights:
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if node.op_type == "Transpose" and node.domain == "" and _is_weight(node.inputs[0]) \
                     and list(_attr(node, "perm", [1, 0])) == [1, 0]:
-                node.outputs[0].replace_all_uses_with(self._transposed(graph, node.inputs[0]))
+                weight_t = self._transposed(graph, node.inputs[0])
+                node.outputs[0].replace_all_uses_with(weight_t)
                 node.graph.remove(node, safe=True)
+                self._quantize_uses(graph, weight_t)
             elif node.op_type == "Gemm" and node.domain == "" and _is_weight(node.inputs[1]) \
                     and _attr(node, "transA", 0) == 0 and _attr(node, "transB", 0) == 1 \
                     and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0:
-                self._gemm_to_matmul(node, self._transposed(graph, node.inputs[1]))
+                weight_t = self._transposed(graph, node.inputs[1])
+                self._gemm_to_matmul(node, weight_t)
+                self._quantize_uses(graph, weight_t)
         if self.quantization is not None:
+            # W.T initializers an earlier float32 export made (quantize_export).
             for node in list(ir.traversal.RecursiveGraphIterator(graph)):
-                # Our W.T initializers, made above or by an earlier float32 export (quantize_export).
                 weight = node.inputs[1] if node.op_type == "MatMul" and node.domain == "" else None
                 if _is_weight(weight) and weight.name.endswith(".T"):
-                    original = weight.name[:-2]
-                    if any(k in original for k in self.quantization.keep_float):
-                        self.kept_float.add(original)
-                    else:
-                        self._quantize(graph, node, weight)
+                    self._quantize_uses(graph, weight)
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         for name, value in list(graph.initializers.items()):
-            if not value.uses() and (name + ".T" in graph.initializers or name in self.names):
+            if not value.uses() and (name + ".T" in graph.initializers or name + ".T" in self.names or name in self.names):
                 graph.initializers.pop(name)  # W once transposed, W.T once quantized: unused now
+
+    def _quantize_uses(self, graph: ir.Graph, weight_t: ir.Value) -> None:
+        """Quantize the MatMuls reading W.T right away and drop the float W.T once nothing reads it, so a
+        quantized export never holds a float copy of more than one weight beside the model."""
+        if self.quantization is None:
+            return
+        original = weight_t.name[:-2]
+        if any(k in original for k in self.quantization.keep_float):
+            self.kept_float.add(original)
+            return
+        for user, index in list(weight_t.uses()):
+            if user.op_type == "MatMul" and user.domain == "" and index == 1:
+                self._quantize(graph, user, weight_t)
+        if not weight_t.uses() and original in self.quantized:
+            graph.initializers.pop(weight_t.name, None)
+            self.tensors.pop(weight_t.name, None)
 
     def _initializer(self, graph: ir.Graph, name: str, make) -> ir.Value:
         if name in graph.initializers:
@@ -158,13 +174,11 @@ class LinearWeights:
     def _quantize(self, graph: ir.Graph, node: ir.Node, weight: ir.Value) -> None:
         q = self.quantization
         name, original = weight.name, weight.name[:-2]
-        if name not in self.tensors:
-            self.tensors[name] = weight.const_value.numpy()
-        k, n = self.tensors[name].shape
+        k, n = weight.const_value.shape.numpy()
         if k < q.block_size:
             self.kept_float.add(original)  # a matrix narrower than one block gains nothing
             return
-        packed, scales, zero_points = self._blocks(name)
+        packed, scales, zero_points = self._blocks(weight)
         inputs = [node.inputs[0],
                   self._initializer(graph, f"{name}_Q{q.bits}", lambda: packed),
                   self._initializer(graph, f"{name}_scales", lambda: scales),
@@ -176,10 +190,10 @@ class LinearWeights:
         self.quantized.add(original)
         self.names.add(name)  # so the float W.T, unused once every MatMul on it is quantized, is dropped
 
-    def _blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _blocks(self, weight: ir.Value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """onnxruntime's blockwise quantization of B (K, N): packed (N, K/bs, bs*bits/8) uint8,
         scales (N, K/bs) float32, zero points (N, ceil(K/bs * bits/8)) uint8."""
-        q = self.quantization
+        q, name = self.quantization, weight.name
         key = f"{name}_Q{q.bits}"
         if key not in self.tensors:
             from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -188,7 +202,7 @@ class LinearWeights:
             )
 
             config = DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=False, bits=q.bits)
-            packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(self.tensors[name])
+            packed, scales, zero_points = DefaultWeightOnlyQuantizer(config).qbits_block_quant(weight.const_value.numpy())
             self.tensors[key] = packed
             self.tensors[f"{name}_scales"] = scales
             self.tensors[f"{name}_zero_points"] = zero_points

@@ -98,3 +98,20 @@ def test_large_models_are_traced_in_this_process():
     assert tracing.default_jobs(tracing.PARALLEL_MAX_BYTES + 1, 4) == 1
     assert 1 <= tracing.default_jobs(20 << 20, 4) <= 4
     assert tracing.default_jobs(20 << 20, 1) == 1
+
+
+def test_float16_graphs_take_torch_onnx_export():
+    """_promote_types has no "op math" (float32 reductions of float16 tensors, cast back), which
+    torch.onnx's pass adds; a float16 export through it fails shape inference (tests/test_onnx_large.py)."""
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4, dtype=torch.float16)
+
+        def forward(self, x):
+            return self.linear(x).sum(-1)
+
+    spec = [TensorSpec("x", "float16", ["batch", 4], "")]
+    tracing.trace(Half(), spec, [TensorSpec("y", "float16", ["batch"], "")], 20, None)
+    assert capture.last_path() == capture.FALLBACK
