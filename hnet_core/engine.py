@@ -224,7 +224,7 @@ def stream_generate(adapter: Adapter, prompts: str | bytes | Sequence[str | byte
             yield GenerationStep(step_bytes, texts, [True] * B)
             return stats
         yield GenerationStep(step_bytes, texts, [s.done for s in streams])
-        started = time.perf_counter()
+        started = time.perf_counter() if n == 0 else 0.0
         out = adapter.step(cache, np.array([[b if b is not None else 0] for b in step_bytes], dtype=np.int64))
         if n == 0:
             first_step_end = time.perf_counter()

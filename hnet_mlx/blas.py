@@ -1,4 +1,5 @@
-"""MLX at full speed on Linux: load the system's OpenBLAS before MLX is first imported.
+"""MLX at full speed on Linux: load the system's OpenBLAS before MLX is first imported (MLX-specific:
+torch ships its own BLAS; its thread policy is hnet_torch/threads.py).
 
 The Linux `mlx[cpu]` wheel links its matmuls (cblas_sgemm ...) against the reference BLAS it bundles,
 about 25x slower than an optimized one (8 vs 225 GFLOP/s measured on this project's CPU). Symbols

@@ -1,4 +1,5 @@
-"""Whole-model checks of the Metal kernels, for `python -m hnet_metal_kernels.verify` on a Mac.
+"""Whole-model checks of the Metal kernels, for `python -m hnet_metal_kernels.verify` on a Mac (MLX-specific:
+the kernels are MLX's, so hnet_torch has no twin).
 
 The kernel package checks each kernel against this package's pure paths; whether a *model* still
 computes the same with kernels on, and how fast it runs, is this package's question. These checks
