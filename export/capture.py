@@ -199,6 +199,17 @@ def to_onnx(module: torch.nn.Module, args: tuple, input_names: list[str], output
     through it fails ONNX shape inference)."""
     if fast and any(t.dtype == torch.float16 for t in (*module.parameters(), *module.buffers())):
         fast = False
+    # Every traced node would record the Python stack it came from (a sixth of a graph's tracing
+    # time); the exporter strips that metadata from the graphs anyway (tracing._strip_metadata).
+    emit_stacks = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        return _capture(module, args, input_names, output_names, opset, dynamic_shapes, fast)
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = emit_stacks
+
+
+def _capture(module, args, input_names, output_names, opset, dynamic_shapes, fast: bool) -> ir.Model:
     if fast:
         try:
             model = _one_trace(module, args, input_names, output_names, opset, dynamic_shapes)

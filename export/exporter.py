@@ -13,7 +13,8 @@ writes into `onnx_dir/` (atomically: a temporary directory renamed at the end):
                         tensors, versions of the exporter's packages
     io.json             every graph input and output: name, dtype, shape, meaning
 
-The graphs come from one torch.export trace each of graph.PrefillGraph / ExtendGraph / StepGraph,
+The graphs come from one torch.export trace each of graph.PrefillGraph, ExtendGraph and
+StepGraph("cond"); step.onnx is derived from step_cond.onnx without tracing (step_where.py). They are
 translated by torch.onnx's dynamo exporter (capture.py; the TorchScript exporter bakes the
 data-dependent chunk counts into constants). This module imports
 torch; the runtime never imports it.
@@ -41,6 +42,7 @@ from hnet_torch.loading import load_pretrained
 
 from . import subgraphs, tracing
 from .layout import graph_io
+from .step_where import DERIVED, where_step_from_cond
 from .weights import LinearWeights, Quantization, check_quantization
 
 FORMAT_VERSION = 1  # additions since (quantization, weights) are optional keys older runtimes ignore
@@ -99,9 +101,12 @@ class _SharedWeights:
 
 
 def _save(model: ir.Model, path: str) -> None:
-    proto = ir.serde.serialize_model(model)
+    _save_proto(ir.serde.serialize_model(model), path)
+
+
+def _save_proto(proto: onnx.ModelProto, path: str) -> None:
     subgraphs.push_down(proto.graph)  # If-branch weights where the CPU provider pre-packs them
-    onnx.save_model(proto, path)
+    onnx.save_model(proto, path)  # weights kept as references into an external file stay so
     # full_check adds strict shape inference; given a path it also reads external data and > 2 GB.
     onnx.checker.check_model(path, full_check=True)
 
@@ -154,8 +159,9 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     if external_data is None:
         external_data = weight_bytes >= EXTERNAL_DATA_AUTO_BYTES
     graphs = ["prefill", "extend", "step"] + (["step_cond"] if batch_variants else [])
+    traced_graphs = ["prefill", "extend", "step_cond"]  # step.onnx is derived from step_cond (step_where.py)
     if jobs is None:
-        jobs = tracing.default_jobs(weight_bytes, len(graphs))
+        jobs = tracing.default_jobs(weight_bytes, len(traced_graphs))
 
     start = time.perf_counter()
     result = ExportResult(os.path.abspath(out_dir), external_data=external_data)
@@ -165,22 +171,30 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
     with io.atomic_directory(out_dir, force=force) as tmp:
         shared = _SharedWeights(tmp) if external_data else None
         try:
-            log(f"tracing {', '.join(graphs)} ({jobs} process{'es' if jobs > 1 else ''}) ...")
+            log(f"tracing {', '.join(traced_graphs)} ({jobs} process{'es' if jobs > 1 else ''}) ...")
             work = os.path.join(tmp, ".trace")
-            with contextlib.closing(tracing.trace_graphs(model, graphs, max_seqlen, dtype, opset, jobs, work)) as traced:
+            with contextlib.closing(tracing.trace_graphs(model, traced_graphs, max_seqlen, dtype, opset, jobs,
+                                                         work)) as traced:
                 for name, onnx_model, captured[name] in traced:
                     log(f"exporting {name}.onnx ...")  # one line per graph (cache.py's progress bar counts them)
-                    inputs, outputs = graph_io(config, max_seqlen, dtype, tracing.GRAPH_KINDS[name])
                     linear.rewrite(onnx_model)
                     if shared is not None:
                         shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
                         linear.release()
                     onnx_model.producer_name = "hnet-mlx"
                     _save(onnx_model, os.path.join(tmp, name + ".onnx"))
-                    io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
         finally:
             if shared is not None:
                 shared.close()
+        log("exporting step.onnx (step_cond.onnx with every If taking its then-branch) ...")
+        cond_path = os.path.join(tmp, "step_cond.onnx")
+        _save_proto(where_step_from_cond(onnx.load(cond_path, load_external_data=False)), os.path.join(tmp, "step.onnx"))
+        captured["step"] = DERIVED
+        if not batch_variants:
+            os.remove(cond_path)
+        for name in graphs:
+            inputs, outputs = graph_io(config, max_seqlen, dtype, tracing.GRAPH_KINDS[name])
+            io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}
         config.to_json(os.path.join(tmp, io.CONFIG_NAME))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -195,7 +209,7 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
             "weights": shared.table() if shared is not None else None,
             "num_stages": config.num_stages,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "exporter": {**_versions(), "capture": captured},
+            "exporter": {**_versions(), "capture": {name: captured[name] for name in graphs}},
         }
         io.atomic_write_text(os.path.join(tmp, "export.json"), json.dumps(meta, indent=2) + "\n")
         io.atomic_write_text(os.path.join(tmp, "io.json"), json.dumps(io_table, indent=1) + "\n")

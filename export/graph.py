@@ -212,25 +212,46 @@ def _inner_step_cond(node: HNet, h: torch.Tensor, ctx: StepContext, past: State,
         # torch.cond needs both branches to return equally laid-out tensors that alias no input.
         return t.clone(memory_format=torch.contiguous_format)
 
-    def run(h, boundary, *states):
+    # The inner level's weights go in as operands, so the branch reads the graph's weights (as
+    # torch.cond's Dynamo pass arranges) instead of capturing copies as constants.
+    inner = node.main_network
+    weights = {**dict(inner.named_parameters()), **dict(inner.named_buffers())}
+
+    def run(h, boundary, *rest):
+        states, tensors = rest[: len(names)], rest[len(names) :]
         inner_out, inner_routing = {}, []
-        y = level_step(node.main_network, h, ctx, dict(zip(names, states)), inner_out, inner_routing, boundary)
+        with torch.nn.utils.stateless._reparametrize_module(inner, dict(zip(weights, tensors))):
+            y = level_step(inner, h, ctx, dict(zip(names, states)), inner_out, inner_routing, boundary)
         return tuple(dense(t) for t in (y, *(t for r in inner_routing for t in r), *(inner_out[n] for n in names)))
 
-    def skip(h, boundary, *states):
+    def skip(h, boundary, *rest):
         no = torch.zeros_like(boundary)
         nan = torch.full(boundary.shape, float("nan"), device=h.device)
+        states = rest[: len(names)]
         return tuple(dense(t) for t in (torch.zeros_like(h), *(t for _ in range(n_stages) for t in (nan, no, no)), *states))
 
-    operands = (h, boundary, *(past[n] for n in names))
+    operands = (h, boundary, *(past[n] for n in names), *weights.values())
     if not torch.compiler.is_compiling():  # eager (tests of the graph itself): a plain branch
         results = run(*operands) if bool(boundary.any()) else skip(*operands)
     else:
-        results = torch.cond(boundary.any(), run, skip, operands)
+        results = _cond(boundary.any(), run, skip, operands)
     flat = results[1 : 1 + 3 * n_stages]
     routing.extend(tuple(flat[3 * i : 3 * i + 3]) for i in range(n_stages))
     out.update(zip(names, results[1 + 3 * n_stages :]))
     return results[0]
+
+
+def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> tuple:
+    """torch.cond, traced without Dynamo. torch.cond first compiles its own call with Dynamo (to
+    check that the branches have no side effects), which for these branches takes longer than
+    tracing the rest of the step graph twice over; its operator, cond_op, traces the branches with
+    the same make_fx tracer as everything else. The branches here are pure functions of their
+    operands. cond_op is torch-internal: without it, torch.cond."""
+    try:
+        from torch._higher_order_ops.cond import cond_op
+    except ImportError:
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return cond_op(pred, true_fn, false_fn, operands)
 
 
 class PrefillGraph(nn.Module):

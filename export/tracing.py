@@ -131,7 +131,8 @@ def _trace_graph(model: HNetForCausalLM, name: str, max_seqlen: int, dtype: str,
 
 
 def default_jobs(weight_bytes: int, graphs: int) -> int:
-    """One worker per available core (up to one per graph) for a small model, else none (1)."""
+    """One tracing process per available core (up to one per graph; this process is one of them) for a
+    small model, else this process alone (1)."""
     if weight_bytes > PARALLEL_MAX_BYTES:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -175,7 +176,8 @@ class _Worker:
 def trace_graphs(model: HNetForCausalLM, names: list[str], max_seqlen: int, dtype: str, opset: int, jobs: int,
                  workdir: str) -> Iterator[tuple[str, ir.Model, str | None]]:
     """(name, ONNX model, capture path) for each graph in `names`, in that order. With jobs > 1 the
-    graphs are dealt round-robin to that many worker processes, through files under `workdir`."""
+    graphs are dealt round-robin to this process and jobs - 1 worker processes (through files under
+    `workdir`): this process traces its own share first, then takes the workers' graphs."""
     if jobs <= 1:
         for name in names:
             yield name, _trace_graph(model, name, max_seqlen, dtype, opset), capture.last_path()
@@ -183,14 +185,21 @@ def trace_graphs(model: HNetForCausalLM, names: list[str], max_seqlen: int, dtyp
     model_dir = os.path.join(workdir, "model")
     workers: list[_Worker] = []
     try:
-        save_pretrained(model, model_dir)
-        tasks = [{"model": model_dir, "name": name, "max_seqlen": max_seqlen, "dtype": dtype, "opset": opset,
-                  "path": os.path.join(workdir, name + ".onnx")} for name in names]
-        # names come longest first (prefill, extend, then the steps), so round-robin balances the workers.
-        workers = [_Worker(tasks[i::jobs]) for i in range(min(jobs, len(tasks)))]
-        for i, task in enumerate(tasks):
-            model_ir, how = workers[i % len(workers)].result(task)
-            yield task["name"], model_ir, how
+        # names come longest first (prefill, extend, then the steps), so round-robin balances the lanes;
+        # lane 0 is this process, which starts at once (a worker first spends seconds on its imports).
+        lanes = [names[i::jobs] for i in range(min(jobs, len(names)))]
+        tasks = {name: {"model": model_dir, "name": name, "max_seqlen": max_seqlen, "dtype": dtype, "opset": opset,
+                        "path": os.path.join(workdir, name + ".onnx")} for name in names}
+        if len(lanes) > 1:
+            save_pretrained(model, model_dir)
+        workers = [_Worker([tasks[name] for name in lane]) for lane in lanes[1:]]
+        owner = {name: workers[i - 1] for i, lane in enumerate(lanes) if i for name in lane}
+        here = {}
+        for name in lanes[0]:
+            here[name] = (_trace_graph(model, name, max_seqlen, dtype, opset), capture.last_path())
+        for name in names:
+            model_ir, how = here.pop(name) if name in here else owner[name].result(tasks[name])
+            yield name, model_ir, how
     finally:
         # An error, Ctrl-C, SIGTERM or the caller closing this generator: no worker outlives it, so none
         # writes into the directory after it is removed.

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 from conftest import config_1stage, random_torch_model  # noqa: E402
 from hnet_export import capture, tracing  # noqa: E402
 from hnet_export.layout import TensorSpec  # noqa: E402
+from hnet_export.step_where import DERIVED  # noqa: E402
 
 
 class LoweredOps(torch.nn.Module):
@@ -70,16 +71,18 @@ def test_one_trace_capture_matches_torch_onnx_export_on_every_lowered_operator()
 
 def test_every_graph_of_an_export_takes_the_one_trace_path(official_onnx_export):
     meta = json.load(open(os.path.join(official_onnx_export, "export.json")))
-    assert meta["exporter"]["capture"] == {name: capture.FAST for name in meta["graphs"]}
+    traced = {name: capture.FAST for name in meta["graphs"] if name != "step"}
+    assert meta["exporter"]["capture"] == {**traced, "step": DERIVED}
 
 
 @pytest.mark.slow  # (every export of the default run goes through the workers, and its tests compare with torch)
 def test_graphs_traced_by_worker_processes_equal_those_traced_here(tmp_path):
     model = random_torch_model(config_1stage(), seed=5)
-    here = list(tracing.trace_graphs(model, ["step"], 64, "float32", 20, jobs=1, workdir=str(tmp_path / "a")))
-    there = list(tracing.trace_graphs(model, ["step"], 64, "float32", 20, jobs=2, workdir=str(tmp_path / "b")))
-    assert [(n, how) for n, _, how in there] == [("step", capture.FAST)]
-    assert _serialized(here[0][1]) == _serialized(there[0][1])
+    names = ["step", "step_cond"]  # with jobs=2 this process traces step, a worker step_cond
+    here = list(tracing.trace_graphs(model, names, 64, "float32", 20, jobs=1, workdir=str(tmp_path / "a")))
+    there = list(tracing.trace_graphs(model, names, 64, "float32", 20, jobs=2, workdir=str(tmp_path / "b")))
+    assert [(n, how) for n, _, how in there] == [(n, capture.FAST) for n in names]
+    assert [_serialized(m) for _, m, _ in here] == [_serialized(m) for _, m, _ in there]
     assert not (tmp_path / "b").exists()  # the model copy and the workers' files are gone
 
 
