@@ -103,7 +103,7 @@ def official_onnx_export(tmp_path_factory) -> str:
             result = CliRunner().invoke(hnet_main, [
                 "export", "onnx", "--model", os.path.join(FIXTURE_DIR, "model.pt"), "--config",
                 os.path.join(FIXTURE_DIR, "config.json"), "--out", out, "--max-seqlen", str(OFFICIAL_ONNX_MAX_SEQLEN),
-                "--batch-variants",
+                "--batch-variants", "--jobs", "1",  # pytest-xdist keeps both cores busy already: no tracing workers
             ])
         finally:
             os.umask(before)
@@ -132,7 +132,7 @@ def onnx_export(tmp_path_factory):
             model = random_torch_model(SMALL_CONFIGS[name](), seed=3)  # seeded: every worker gets the same
             with built_once(tmp_path_factory, "onnx_" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]) as (out, done):
                 if not done:
-                    export_model(model, out, **options)
+                    export_model(model, out, **{"jobs": 1, **options})  # one process: xdist fills the cores
             cache[key] = (model, out)
         return cache[key]
 

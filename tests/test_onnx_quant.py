@@ -48,7 +48,7 @@ def exports(tmp_path_factory):
     torch_model = random_torch_model(wide_2stage(), seed=5)
     base = tmp_path_factory.mktemp("onnx_quant")
     dirs = {"float32": str(base / "float32")}
-    export_model(torch_model, dirs["float32"], max_seqlen=MAX_SEQLEN, external_data=True)  # both step variants
+    export_model(torch_model, dirs["float32"], max_seqlen=MAX_SEQLEN, external_data=True, jobs=1)  # both step variants
     for kind in ("int8", "int4"):
         dirs[kind] = str(base / kind)
         quantize_export(dirs["float32"], dirs[kind], Quantization(kind, block_size=BLOCK))
