@@ -34,6 +34,7 @@ STORED_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": 
                  "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
                  "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool, "uint32": torch.uint32}
 BITS = {torch.bfloat16: torch.int16}
+DIRECT_BUILD_MAX_PARAMETERS = 16_000_000  # load_pretrained: larger models are built on the meta device
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -120,14 +121,22 @@ def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetCon
                     dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> HNetForCausalLM:
     """An eval-mode HNetForCausalLM with the weights of `path` (see module docstring).
 
-    The model is built without storage (meta device), given uninitialised storage in its own dtype,
-    and each tensor is read from the file straight into it (or through one tensor-sized buffer when
-    it changes dtype or device): memory holds the model plus one tensor, never a second copy."""
+    The model is built without storage (meta device; a small one on its device), given
+    uninitialised storage in its own dtype, and each tensor is read from the file straight into it
+    (or through one tensor-sized buffer when it changes dtype or device): memory holds the model
+    plus one tensor, never a second copy."""
     stored, cfg = stored_weights(path, config)
     torch_dtype = resolve_dtype(dtype)
-    with torch.device("meta"):
+    # A small model is built straight on its device. On the meta device the constructors' init
+    # arithmetic runs through torch's Python references, whose first call imports torch._dynamo: a
+    # second of every `hnet` start with the bundled model. A large model builds on meta all the
+    # same, where skipping its init saves more than that. Either way its storage is allocated once.
+    parameters = sum(t.numel() if isinstance(t, torch.Tensor) else _numel(t.shape) for t in stored.values())
+    build_on = "meta" if parameters > DIRECT_BUILD_MAX_PARAMETERS else torch.device(device or "cpu")
+    with torch.device(build_on):
         model = HNetForCausalLM(cfg, dtype=torch_dtype)
-    model = model.to_empty(device=device or "cpu")  # to_empty unties: tie afterwards
+    if build_on == "meta":
+        model = model.to_empty(device=device or "cpu")  # to_empty unties: tie afterwards
     if cfg.tie_embeddings:  # lm_head's own storage is dropped untouched; the embedding is filled once
         model.lm_head.weight = model.embeddings.weight
     params = dict(model.state_dict(keep_vars=True))
@@ -140,6 +149,13 @@ def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetCon
                 continue  # the embedding's storage
             _fill(target, stored[name])
     return model.eval()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _fill(target: torch.Tensor, stored: StoredTensor | torch.Tensor) -> None:
