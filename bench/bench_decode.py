@@ -43,7 +43,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUNDLED = os.path.join(ROOT, "hnet_core", "demo_model")
 CORPUS = os.path.join(ROOT, "..", "shared", "data", "austen.txt.xz")
-BACKENDS = ("torch", "mlx", "onnx")
+BACKENDS = ("torch", "torch-int8", "mlx", "onnx")  # torch-int8: hnet_torch.quantize (int8 Linear weights)
+WEIGHT_BYTES = {"torch-int8": 1}  # bytes per weight read for the bandwidth limit (else float32's 4; the
+# few layers torch-int8 keeps float are counted at 1 too, so its limit is slightly optimistic)
 
 # Random-weight rows: small shapes in the official style, and the official shapes.
 ROWS: dict[str, dict | str | None] = {
@@ -79,13 +81,16 @@ def sample_rows(batch: int, length: int) -> list[bytes]:
 
 def _open(backend: str, path: str, batch: int):
     """(prefill(ids) -> boundaries per stage, step(ids) -> same, sync) for one backend."""
-    if backend == "torch":
+    if backend in ("torch", "torch-int8"):
         import torch
 
         from hnet_torch import load_pretrained
+        from hnet_torch.quantize import quantize_int8
 
         torch.set_grad_enabled(False)
         model = load_pretrained(path).eval()
+        if backend == "torch-int8":
+            model = quantize_int8(model)
         state = {}
 
         def counts(out):
@@ -195,11 +200,11 @@ def level_weights(config: HNetConfig, bytes_per_weight: int = 4) -> list[int]:
     return out
 
 
-def limits(config: HNetConfig, result: dict, batch: int, machine: dict) -> dict:
-    weights = level_weights(config)
+def limits(config: HNetConfig, result: dict, batch: int, machine: dict, bytes_per_weight: int = 4) -> dict:
+    weights = level_weights(config, bytes_per_weight)
     share = [1.0, *result["reached"]]  # level 0 every step; level k when stage k fired
     step_bytes = sum(w * s for w, s in zip(weights, share))
-    flops_per_step = 2 * step_bytes / 4 * batch  # a multiply-add per weight per sample reaching it (an upper bound)
+    flops_per_step = 2 * step_bytes / bytes_per_weight * batch  # a multiply-add per weight per sample reaching it
     bw = batch * machine["bandwidth"] / step_bytes
     fl = batch * machine["matmul"] / flops_per_step
     return {"weight_MB_per_step": step_bytes / 1e6, "limit_bw_Bps": bw, "limit_flops_Bps": fl,
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                 r = {"row": row, "backend": backend, "batch": batch, "idle": _run_worker(job, busy=False)}
                 if not args.no_busy:
                     r["busy"] = _run_worker(job, busy=True)
-                r.update(limits(config, r["idle"], batch, machine))
+                r.update(limits(config, r["idle"], batch, machine, WEIGHT_BYTES.get(backend, 4)))
                 results.append(r)
                 log(table([r]).splitlines()[-1])
     print(f"read bandwidth {machine['bandwidth'] / 1e9:.1f} GB/s, float32 matmul {machine['matmul'] / 1e9:.0f} GFLOP/s\n")

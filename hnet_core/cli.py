@@ -258,16 +258,20 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Weights dtype (torch, mlx). Default: float32 in torch, as stored in mlx (the demo model: float32).")
 @click.option("--device", default=None, help="torch device (cpu, cuda, mps) or onnx provider (cpu, cuda, auto).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="torch on the CPU: int8 Linear weights (torch dynamic quantization; several times faster decoding "
+                   "of large models, docs/torch.md). MLX and ONNX quantize at conversion/export.")
 @sampling_options
 @prefill_options
-def generate(backend, model_path, config, prompts, dtype, device, **kw):
+def generate(backend, model_path, config, prompts, dtype, device, quantize, **kw):
     """Generate text from a prompt, streaming UTF-8 as it is produced."""
     from .backends import DEMO_MODEL, load_model
 
     prompts = read_prompts(prompts)
     if model_path is None:
         model_path = DEMO_MODEL  # for onnx: its export, built once into the user's cache (backends.py)
-    loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device, batch=len(prompts))
+    loaded = load_model(backend, model_path, config=config, dtype=dtype, device=device, batch=len(prompts),
+                        quantize=quantize)
     run_generation(loaded, prompts, **kw)
 
 

@@ -147,18 +147,20 @@ def evaluate(forward: Forward, path: str, window: int = 1024, stride: int | None
                       nats=nats, seconds=seconds, window=window, stride=stride, windows=len(plan), documents=len(docs))
 
 
-def make_forward(backend: str, model_path: str, device: str | None = None, dtype: str | None = None) -> Forward:
+def make_forward(backend: str, model_path: str, device: str | None = None, dtype: str | None = None,
+                 quantize: str | None = None) -> Forward:
     """The named backend's forward (hnet_torch / hnet_mlx / hnet_export evaluate.make_forward, through
     the registry in backends.py, so this module names no framework)."""
     from .backends import eval_forward
 
     if not os.path.exists(model_path):
         raise HNetError(f"model not found: {model_path}")
-    return eval_forward(backend, model_path, device, dtype)
+    return eval_forward(backend, model_path, device, dtype, quantize)
 
 
 def run_eval(backend: str, model_path: str, data: str, max_bytes: int | None, window: int, stride: int | None,
-             batch_size: int, as_json: bool, device: str | None = None, dtype: str | None = None) -> EvalReport:
+             batch_size: int, as_json: bool, device: str | None = None, dtype: str | None = None,
+             quantize: str | None = None) -> EvalReport:
     import click
 
     if max_bytes is not None and max_bytes < 1:
@@ -171,7 +173,7 @@ def run_eval(backend: str, model_path: str, data: str, max_bytes: int | None, wi
         from .backends import DEMO_MODEL
 
         model_path = DEMO_MODEL
-    forward = make_forward(backend, model_path, device, dtype)
+    forward = make_forward(backend, model_path, device, dtype, quantize)
     report = evaluate(forward, data, window=window, stride=stride, batch_size=batch_size, max_bytes=max_bytes)
     report.backend, report.model, report.data = backend, model_path, data
     if as_json:
@@ -226,6 +228,8 @@ if click is not None:
                   help="Which implementation runs the model.")
     @eval_options
     @click.option("--device", default=None, help="torch device or onnx provider.")
-    def eval_command(backend, model_path, data, max_bytes, window, stride, batch_size, as_json, dtype, device):
+    @click.option("--quantize", type=click.Choice(["int8"]), default=None,
+                  help="torch on the CPU: int8 Linear weights, as `hnet generate --quantize int8`.")
+    def eval_command(backend, model_path, data, max_bytes, window, stride, batch_size, as_json, dtype, device, quantize):
         """Bits per byte of a model on a text, per-stage compression and throughput."""
-        run_eval(backend, model_path, data, max_bytes, window, stride, batch_size, as_json, device, dtype)
+        run_eval(backend, model_path, data, max_bytes, window, stride, batch_size, as_json, device, dtype, quantize)

@@ -56,6 +56,8 @@ class CausalMHA(nn.Module):
     def allocate_state(self, batch_size: int, max_seqlen: int | None, dtype=None) -> AttentionState:
         slots, ring = self.cache_slots(max_seqlen)
         w = self.out_proj.weight
+        if callable(w):  # an int8 layer (quantize.py): it runs on the CPU in float32
+            w = torch.empty(0)
         shape = (batch_size, slots, self.num_heads, self.head_dim)
         return AttentionState(
             k=torch.zeros(shape, device=w.device, dtype=dtype or w.dtype),

@@ -12,11 +12,15 @@ import numpy as np
 import torch
 
 from .loading import load_pretrained
+from .quantize import quantize_int8
 
 
-def make_forward(model_path: str, device: str | None = None, dtype: str | None = None):
-    """forward(ids (B, L), mask (B, L)) -> (logits (B, L, V) float32, [(boundary_mask, valid) per stage])."""
+def make_forward(model_path: str, device: str | None = None, dtype: str | None = None, quantize: str | None = None):
+    """forward(ids (B, L), mask (B, L)) -> (logits (B, L, V) float32, [(boundary_mask, valid) per stage]).
+    quantize="int8": quantize.quantize_int8 (torch only; no MLX twin)."""
     model = load_pretrained(model_path, dtype=dtype, device=device)
+    if quantize is not None:
+        model = quantize_int8(model)
     dev = model.embeddings.weight.device
 
     @torch.inference_mode()

@@ -54,7 +54,7 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False, **factory)
 
     def allocate_state(self, batch_size: int, dtype=None) -> MambaState:
-        device = self.in_proj.weight.device
+        device = self.A_log.device  # (not in_proj's: an int8 in_proj has no weight tensor, quantize.py)
         return MambaState(
             conv=torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=dtype or self.conv1d.weight.dtype),
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=torch.float32),
