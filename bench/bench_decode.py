@@ -116,7 +116,8 @@ def _open(backend: str, path: str, batch: int):
             state["cache"] = model.allocate_inference_cache(batch_size=len(ids))
             return counts(model(mx.array(ids), cache=state["cache"]))
 
-        return prefill, lambda ids: counts(model.step(mx.array(ids), state["cache"]))
+        # numpy ids, as the generation adapter passes them (checked on the host, not with a device sync)
+        return prefill, lambda ids: counts(model.step(np.asarray(ids, dtype=np.int32), state["cache"]))
     from export.runtime import OnnxHNet
 
     model = OnnxHNet(path)

@@ -39,7 +39,8 @@ class Adapter(engine.Adapter):
         return _result(rows, out.routing)
 
     def step(self, cache: InferenceCache, next_bytes: np.ndarray) -> StepResult:
-        out = self.model.step(mx.array(next_bytes.astype(np.int32)), cache)
+        # numpy in: `step` range-checks it on the host; an mx.array would be checked on the device (one more sync).
+        out = self.model.step(next_bytes, cache)
         return _result(out.logits[:, -1], out.routing)
 
     export_cache = staticmethod(export_cache)

@@ -20,6 +20,7 @@ function, so this is where compiling pays most (numbers in bench/bench_mlx_compi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -340,19 +341,23 @@ class HNetForCausalLM(nn.Module):
             def in_body(t, st, node=node, first=first):
                 x = self.embeddings(t[0]) if first else t[0]
                 level_state = HNetState(encoder=st[0], routing=st[1])
-                h_enc, residual, r = node.step_in(x, level_state, None if first else t[1])
-                return [h_enc, residual, r.boundary_prob, r.boundary_mask, r.selected_probs]
+                active = None if first else t[1]
+                h_enc, residual, r = node.step_in(x, level_state, active)
+                p, b, sel = r.boundary_prob, r.boundary_mask, r.selected_probs
+                # The step's routing outputs (B, 1) and "any sample on a boundary" are made here, inside
+                # the compiled piece: on the CPU each op outside it is a separate dispatch every byte.
+                valid = mx.ones(b.shape, dtype=mx.bool_) if active is None else active
+                return [h_enc, residual, p, b, sel, b.any(), mx.where(valid, p, math.nan)[:, None], b[:, None],
+                        mx.where(valid, sel, math.nan)[:, None], valid[:, None]]
 
             fn = self._piece((level, "in", *shape), in_body, [state.encoder, state.routing])
-            (h_enc, residual, p, b, sel), arrays = fn([h] if first else [h, active],
-                                                      state_arrays([state.encoder, state.routing]))
+            (h_enc, residual, p, b, sel, any_b, *routing), arrays = fn([h] if first else [h, active],
+                                                                        state_arrays([state.encoder, state.routing]))
             state.encoder, state.routing = with_arrays([state.encoder, state.routing], arrays)
-            valid = mx.ones(b.shape, dtype=mx.bool_) if active is None else active
-            flat_routing += [mx.where(valid, p, math.nan)[:, None], b[:, None], mx.where(valid, sel, math.nan)[:, None],
-                             valid[:, None]]
+            flat_routing += routing
             pending.append((node, state, level, active, residual, (p, b, sel)))
-            if not bool(b.any().item()):  # no sample reached the inner level: skip it (a sync)
-                h = mx.zeros_like(h_enc)
+            if not any_b.item():  # no sample reached the inner level: skip it (a sync)
+                h = _zeros(h_enc.shape, h_enc.dtype)
                 flat_routing += _not_run(cache.batch_size, self.config.num_stages - level - 1)
                 break
             node, state, active, h, level = node.main_network, state.main, b, h_enc, level + 1
@@ -393,6 +398,18 @@ def _assign(target, source) -> None:
 
 def _not_run(batch: int, stages: int) -> list[mx.array]:
     """Routing outputs of inner stages that no sample reached this step (NaN, like the official step)."""
+    return list(_not_run_arrays(batch, stages))
+
+
+@functools.lru_cache(maxsize=64)
+def _not_run_arrays(batch: int, stages: int) -> tuple[mx.array, ...]:
+    # Made once per shape (arrays are immutable): new ones every byte would be evaluated every byte.
     nan = mx.full((batch, 1), math.nan)
     no = mx.zeros((batch, 1), dtype=mx.bool_)
-    return [nan, no, nan, no] * stages
+    return (nan, no, nan, no) * stages
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype: mx.Dtype) -> mx.array:
+    """The skipped inner level's output (the outer step reads it only on boundaries), made once per shape."""
+    return mx.zeros(shape, dtype=dtype)
