@@ -35,7 +35,7 @@ from hnet_core.prompt_cache import check_config
 from hnet_core.step_threads import steps_in_parallel
 
 from . import blas
-from .cache import HNetState, InferenceCache, isotropic_states, reserve, skeleton, state_arrays, with_arrays
+from .cache import HNetState, InferenceCache, IsotropicState, isotropic_states, reserve, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
 
@@ -226,11 +226,10 @@ class HNetForCausalLM(nn.Module):
         if self._step_blas_threads is False:  # decided once, from the shapes
             object.__setattr__(self, "_step_blas_threads", None if steps_in_parallel(self.config) else 1)
         blas.set_threads(self._step_blas_threads)
-        # Growing happens here, outside the compiled step (a new cache shape retraces it).
-        for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
-            reserve(stack, stack.max_length + 1)
-            stack.max_length += 1
+        # Growing happens outside the compiled step (a new cache shape retraces it).
         if self.resolve_step_mode(cache) == "fused":
+            for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
+                _grow(stack)
             fn = self._step_function(cache)
             logits, flat_routing, arrays = fn(input_ids, [cache.lengths, *state_arrays(cache.backbone)])
             cache.lengths = arrays[0]
@@ -332,6 +331,7 @@ class HNetForCausalLM(nn.Module):
                     out = node.step_main(x, st[0], None if first else t[1])
                     return [self._logits(out) if first else out]
 
+                _grow(state.main)
                 fn = self._piece((level, "main", *shape), main_body, [state])
                 (h,), arrays = fn([h] if first else [h, active], state_arrays([state]))
                 cache_state = with_arrays([state], arrays)[0]
@@ -350,6 +350,7 @@ class HNetForCausalLM(nn.Module):
                 return [h_enc, residual, p, b, sel, b.any(), mx.where(valid, p, math.nan)[:, None], b[:, None],
                         mx.where(valid, sel, math.nan)[:, None], valid[:, None]]
 
+            _grow(state.encoder)
             fn = self._piece((level, "in", *shape), in_body, [state.encoder, state.routing])
             (h_enc, residual, p, b, sel, any_b, *routing), arrays = fn([h] if first else [h, active],
                                                                         state_arrays([state.encoder, state.routing]))
@@ -372,6 +373,7 @@ class HNetForCausalLM(nn.Module):
                 out = node.step_out(t[0], t[1], routing, level_state, None if first else t[5], d_parent)
                 return [self._logits(out) if first else out]
 
+            _grow(state.decoder)
             fn = self._piece((level, "out", *shape), out_body, [state.dechunk, state.decoder])
             tensors = [h, residual, p, b, sel] + ([] if first else [active])
             (h,), arrays = fn(tensors, state_arrays([state.dechunk, state.decoder]))
@@ -388,6 +390,14 @@ class HNetForCausalLM(nn.Module):
         if bool((cu[1:] <= cu[:-1]).any()):
             raise HNetError("cu_seqlens must be strictly increasing (no empty sequences)")
         return mx.array(cu.astype(np.int32))
+
+
+def _grow(stack: IsotropicState) -> None:
+    """Before a step runs `stack`: room for one more position per sample (max_length stays a bound).
+    The split step grows a stack only when it runs, so an inner stack's bound follows its chunks, not
+    every byte: its attention caches (copied whole by each step's slot write) stay as small as they can."""
+    reserve(stack, stack.max_length + 1)
+    stack.max_length += 1
 
 
 def _assign(target, source) -> None:
