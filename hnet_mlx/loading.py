@@ -224,8 +224,10 @@ def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
     """Cast floating tensors to `dtype`; residual_proj stays fp32 (official), packed ints stay."""
     out = {}
     for name, w in weights.items():
-        if mx.issubdtype(w.dtype, mx.floating) and "residual_proj" not in name:
-            w = w.astype(dtype)
+        if mx.issubdtype(w.dtype, mx.floating):
+            # A checkpoint stored in half precision (the bundled model) holds residual_proj in it too:
+            # left so, the residual would be computed in float16 (and by MLX's slow half-precision gemm).
+            w = w.astype(mx.float32 if "residual_proj" in name else dtype)
         out[name] = w
     return out
 
