@@ -189,3 +189,11 @@ def test_bundled_half_precision_checkpoint_loaded_as_float32_matches_torch():
     assert np.abs(np_(om.logits) - ot.logits.numpy()).max() <= ATOL
     for rt, rm in zip(ot.routing, om.routing):
         assert (np_(rm.boundary_mask) == rt.boundary_mask.numpy()).all()
+
+
+def test_residual_proj_is_float32_even_when_the_rest_loads_as_stored_float16():
+    from hnet_core.backends import DEMO_MODEL
+
+    model = hnet_mlx.load_pretrained(DEMO_MODEL)  # no dtype: as stored
+    for name, p in tree_flatten(model.parameters()):
+        assert p.dtype == (mx.float32 if "residual_proj" in name else mx.float16), name
