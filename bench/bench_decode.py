@@ -104,20 +104,25 @@ def _open(backend: str, path: str, batch: int):
     if backend == "mlx":
         import hnet_mlx  # noqa: F401  (loads OpenBLAS before MLX)
         import mlx.core as mx
-        from hnet_mlx import load_pretrained
 
-        model = load_pretrained(path)
+        from hnet_core.backends import load_model
+
+        # As `hnet generate --backend mlx` loads it: the bundled model (stored in float16) in float32,
+        # like the torch and ONNX rows; MLX's float16 matmuls on a CPU are about 2x slower.
+        model = load_model("mlx", path).model
         state = {}
 
-        def counts(out):
-            mx.eval(out.logits)
-            return [int(r.boundary_mask.sum()) for r in out.routing]
+        def counts(out):  # one evaluation, as the generation adapter does
+            sums = [r.boundary_mask.sum() for r in out.routing]
+            mx.eval(out.logits, *sums)
+            return [int(n.item()) for n in sums]
 
         def prefill(ids):
             state["cache"] = model.allocate_inference_cache(batch_size=len(ids))
             return counts(model(mx.array(ids), cache=state["cache"]))
 
-        return prefill, lambda ids: counts(model.step(mx.array(ids), state["cache"]))
+        # numpy ids, as the generation adapter passes them (checked on the host, not with a device sync)
+        return prefill, lambda ids: counts(model.step(np.asarray(ids, dtype=np.int32), state["cache"]))
     from export.runtime import OnnxHNet
 
     model = OnnxHNet(path)

@@ -21,7 +21,7 @@ import mlx.nn as nn
 
 from hnet_core.errors import HNetError
 
-from . import kernels
+from . import blas, kernels
 from .cache import AttentionState
 
 
@@ -79,7 +79,7 @@ class CausalMHA(nn.Module):
     def _qkv(self, x: mx.array, positions: mx.array | None = None, offset: int | mx.array = 0):
         """q, k, v (b, h, l, d); rotary at `offset + arange(l)` (per-sample offset (b,)) or at `positions` (b, l)."""
         b, l, _ = x.shape
-        qkv = self.Wqkv(x).reshape(b, l, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
+        qkv = blas.linear(self.Wqkv, x).reshape(b, l, 3, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.rotary_emb_dim > 0:
             if positions is not None:
@@ -186,4 +186,4 @@ class CausalMHA(nn.Module):
         else:
             visible = kernels.window_mask(positions[:, None], mx.broadcast_to(j[None], (b, slots)), self.window_size)[:, 0]
         ctx = kernels.attention_step(q, state.k, state.v, visible, mode=self.use_kernels)  # (b, h, 1, d)
-        return self.out_proj(ctx.transpose(0, 2, 1, 3).reshape(b, 1, self.d_model))
+        return blas.linear(self.out_proj, ctx.transpose(0, 2, 1, 3).reshape(b, 1, self.d_model))  # see blas.linear

@@ -144,3 +144,49 @@ def get_threads() -> int | None:
     """OpenBLAS's current thread count (None without OpenBLAS)."""
     lib = _openblas()
     return None if lib is None else int(lib.openblas_get_num_threads())
+
+
+# -- a few rows times a weight ------------------------------------------------------------------
+
+# OpenBLAS's SkylakeX-family kernels (also what it runs on AMD Zen 4) multiply a few rows by a
+# transposed weight, x @ W.T, with a "small-matrix" kernel only while rows x out_features <= 1200 and
+# rows x out x in <= 1e6 (kernel/x86_64/sgemm_small_kernel_permit_skylakex.c); above that, sgemm copies
+# ("packs") the whole weight into a buffer on every call. A decode step multiplies one row per sample:
+# the bundled model's main-level fc1 (1536 x 256) took 110 µs that way and 47 µs as two 768-row
+# products; at batch 4 every layer wider than 300 outputs packs.
+SMALL_KERNEL_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+SMALL_OUTPUTS = 1200
+SMALL_MNK = 1_000_000
+MIN_BLOCK = 128  # fewer rows per block: too many products (a prefill's many rows take the packed path)
+_small_kernels: bool | None = None
+
+
+def _has_small_kernels() -> bool:
+    global _small_kernels
+    if _small_kernels is None:
+        lib = _openblas()
+        name = b""
+        if lib is not None and hasattr(lib, "openblas_get_corename"):
+            lib.openblas_get_corename.restype = ctypes.c_char_p
+            name = lib.openblas_get_corename() or b""
+        _small_kernels = name.decode(errors="replace").lower() in SMALL_KERNEL_CORES
+    return _small_kernels
+
+
+def linear(layer, x):
+    """`layer(x)`; for a float32 nn.Linear applied to a few rows on the CPU with OpenBLAS's small-matrix
+    kernels, the product of x with row blocks of the weight small enough for them (each output is the
+    same dot product; it may differ from the packed path's in the last bits)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if type(layer) is not nn.Linear or layer.weight.dtype != mx.float32 or mx.default_device() != mx.cpu:
+        return layer(x)
+    out, k = layer.weight.shape
+    rows = x.size // k
+    block = (SMALL_OUTPUTS // max(rows, 1)) // 16 * 16
+    if rows * out <= SMALL_OUTPUTS or block < MIN_BLOCK or k < 32 or block * rows * k > SMALL_MNK or not _has_small_kernels():
+        return layer(x)
+    block = -(-out // -(-out // block))  # as many blocks as needed, of equal size
+    y = mx.concatenate([x @ layer.weight[i : i + block].T for i in range(0, out, block)], axis=-1)
+    return y + layer.bias if "bias" in layer else y

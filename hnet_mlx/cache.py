@@ -16,7 +16,6 @@ cache passed in and out as plain arrays (see lm.py).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -120,15 +119,30 @@ def state_arrays(state: Any) -> list[mx.array]:
     return out
 
 
+def _fields(cls: type) -> tuple[str, ...] | None:
+    """Field names of a dataclass type (None for anything else), looked up once per type: the decode
+    step flattens and rebuilds its state every byte, and dataclasses.fields() costs a few µs a call."""
+    names = _FIELDS.get(cls, False)
+    if names is False:
+        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+        _FIELDS[cls] = names
+    return names
+
+
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
+
+
 def _collect(node: Any, out: list[mx.array]) -> None:
     if isinstance(node, mx.array):
         out.append(node)
-    elif dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            _collect(getattr(node, f.name), out)
     elif isinstance(node, list):
         for item in node:
             _collect(item, out)
+    else:
+        names = _fields(type(node))
+        if names is not None:
+            for name in names:
+                _collect(getattr(node, name), out)
 
 
 def with_arrays(state: Any, arrays: list[mx.array]) -> Any:
@@ -150,11 +164,13 @@ def skeleton(state: Any) -> Any:
 def _rebuild(node: Any, it) -> Any:
     if isinstance(node, mx.array):
         return next(it)
-    if dataclasses.is_dataclass(node):
-        new = copy.copy(node)
-        for f in dataclasses.fields(node):
-            setattr(new, f.name, _rebuild(getattr(node, f.name), it))
-        return new
     if isinstance(node, list):
         return [_rebuild(item, it) for item in node]
-    return node
+    names = _fields(type(node))
+    if names is None:
+        return node
+    new = object.__new__(type(node))  # copy.copy, without its generic (and slow) protocol
+    new.__dict__.update(node.__dict__)
+    for name in names:
+        setattr(new, name, _rebuild(getattr(node, name), it))
+    return new

@@ -20,6 +20,7 @@ function, so this is where compiling pays most (numbers in bench/bench_mlx_compi
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from hnet_core.prompt_cache import check_config
 from hnet_core.step_threads import steps_in_parallel
 
 from . import blas
-from .cache import HNetState, InferenceCache, isotropic_states, reserve, skeleton, state_arrays, with_arrays
+from .cache import HNetState, InferenceCache, IsotropicState, isotropic_states, reserve, skeleton, state_arrays, with_arrays
 from .hnet import HNet
 from .routing import RoutingOutput
 
@@ -225,11 +226,10 @@ class HNetForCausalLM(nn.Module):
         if self._step_blas_threads is False:  # decided once, from the shapes
             object.__setattr__(self, "_step_blas_threads", None if steps_in_parallel(self.config) else 1)
         blas.set_threads(self._step_blas_threads)
-        # Growing happens here, outside the compiled step (a new cache shape retraces it).
-        for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
-            reserve(stack, stack.max_length + 1)
-            stack.max_length += 1
+        # Growing happens outside the compiled step (a new cache shape retraces it).
         if self.resolve_step_mode(cache) == "fused":
+            for stack in isotropic_states(cache.backbone):  # a bound: inner stacks move only on boundaries
+                _grow(stack)
             fn = self._step_function(cache)
             logits, flat_routing, arrays = fn(input_ids, [cache.lengths, *state_arrays(cache.backbone)])
             cache.lengths = arrays[0]
@@ -331,6 +331,7 @@ class HNetForCausalLM(nn.Module):
                     out = node.step_main(x, st[0], None if first else t[1])
                     return [self._logits(out) if first else out]
 
+                _grow(state.main)
                 fn = self._piece((level, "main", *shape), main_body, [state])
                 (h,), arrays = fn([h] if first else [h, active], state_arrays([state]))
                 cache_state = with_arrays([state], arrays)[0]
@@ -340,19 +341,24 @@ class HNetForCausalLM(nn.Module):
             def in_body(t, st, node=node, first=first):
                 x = self.embeddings(t[0]) if first else t[0]
                 level_state = HNetState(encoder=st[0], routing=st[1])
-                h_enc, residual, r = node.step_in(x, level_state, None if first else t[1])
-                return [h_enc, residual, r.boundary_prob, r.boundary_mask, r.selected_probs]
+                active = None if first else t[1]
+                h_enc, residual, r = node.step_in(x, level_state, active)
+                p, b, sel = r.boundary_prob, r.boundary_mask, r.selected_probs
+                # The step's routing outputs (B, 1) and "any sample on a boundary" are made here, inside
+                # the compiled piece: on the CPU each op outside it is a separate dispatch every byte.
+                valid = mx.ones(b.shape, dtype=mx.bool_) if active is None else active
+                return [h_enc, residual, p, b, sel, b.any(), mx.where(valid, p, math.nan)[:, None], b[:, None],
+                        mx.where(valid, sel, math.nan)[:, None], valid[:, None]]
 
+            _grow(state.encoder)
             fn = self._piece((level, "in", *shape), in_body, [state.encoder, state.routing])
-            (h_enc, residual, p, b, sel), arrays = fn([h] if first else [h, active],
-                                                      state_arrays([state.encoder, state.routing]))
+            (h_enc, residual, p, b, sel, any_b, *routing), arrays = fn([h] if first else [h, active],
+                                                                        state_arrays([state.encoder, state.routing]))
             state.encoder, state.routing = with_arrays([state.encoder, state.routing], arrays)
-            valid = mx.ones(b.shape, dtype=mx.bool_) if active is None else active
-            flat_routing += [mx.where(valid, p, math.nan)[:, None], b[:, None], mx.where(valid, sel, math.nan)[:, None],
-                             valid[:, None]]
+            flat_routing += routing
             pending.append((node, state, level, active, residual, (p, b, sel)))
-            if not bool(b.any().item()):  # no sample reached the inner level: skip it (a sync)
-                h = mx.zeros_like(h_enc)
+            if not any_b.item():  # no sample reached the inner level: skip it (a sync)
+                h = _zeros(h_enc.shape, h_enc.dtype)
                 flat_routing += _not_run(cache.batch_size, self.config.num_stages - level - 1)
                 break
             node, state, active, h, level = node.main_network, state.main, b, h_enc, level + 1
@@ -367,6 +373,7 @@ class HNetForCausalLM(nn.Module):
                 out = node.step_out(t[0], t[1], routing, level_state, None if first else t[5], d_parent)
                 return [self._logits(out) if first else out]
 
+            _grow(state.decoder)
             fn = self._piece((level, "out", *shape), out_body, [state.dechunk, state.decoder])
             tensors = [h, residual, p, b, sel] + ([] if first else [active])
             (h,), arrays = fn(tensors, state_arrays([state.dechunk, state.decoder]))
@@ -385,6 +392,14 @@ class HNetForCausalLM(nn.Module):
         return mx.array(cu.astype(np.int32))
 
 
+def _grow(stack: IsotropicState) -> None:
+    """Before a step runs `stack`: room for one more position per sample (max_length stays a bound).
+    The split step grows a stack only when it runs, so an inner stack's bound follows its chunks, not
+    every byte: its attention caches (copied whole by each step's slot write) stay as small as they can."""
+    reserve(stack, stack.max_length + 1)
+    stack.max_length += 1
+
+
 def _assign(target, source) -> None:
     """Copy the fields of dataclass `source` onto `target` (same type): the cache objects stay the same."""
     for name in target.__dataclass_fields__:
@@ -393,6 +408,18 @@ def _assign(target, source) -> None:
 
 def _not_run(batch: int, stages: int) -> list[mx.array]:
     """Routing outputs of inner stages that no sample reached this step (NaN, like the official step)."""
+    return list(_not_run_arrays(batch, stages))
+
+
+@functools.lru_cache(maxsize=64)
+def _not_run_arrays(batch: int, stages: int) -> tuple[mx.array, ...]:
+    # Made once per shape (arrays are immutable): new ones every byte would be evaluated every byte.
     nan = mx.full((batch, 1), math.nan)
     no = mx.zeros((batch, 1), dtype=mx.bool_)
-    return [nan, no, nan, no] * stages
+    return (nan, no, nan, no) * stages
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype: mx.Dtype) -> mx.array:
+    """The skipped inner level's output (the outer step reads it only on boundaries), made once per shape."""
+    return mx.zeros(shape, dtype=dtype)

@@ -199,11 +199,10 @@ def load_weights(path: str | os.PathLike, config: str | os.PathLike | HNetConfig
 
 def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetConfig | None = None,
                     dtype: str | mx.Dtype | None = None) -> HNetForCausalLM:
-    """An HNetForCausalLM with the weights of `path`; `dtype` casts the float weights (default: as stored)."""
+    """An HNetForCausalLM with the weights of `path`; `dtype` casts the float weights (default: as
+    stored), residual_proj is float32 either way (as torch's `load_pretrained` makes it)."""
     weights, cfg = load_weights(path, config)
-    target = resolve_dtype(dtype)
-    if target is not None:
-        weights = cast_weights(weights, target)
+    weights = cast_weights(weights, resolve_dtype(dtype))
     model = HNetForCausalLM(cfg)
     if cfg.quantization is not None:
         quantize_model(model, cfg.quantization, weights)
@@ -220,12 +219,16 @@ def load(path: str | os.PathLike, dtype: str | mx.Dtype | None = None) -> tuple[
     return model, model.config
 
 
-def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Cast floating tensors to `dtype`; residual_proj stays fp32 (official), packed ints stay."""
+def cast_weights(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    """Cast floating tensors to `dtype` (None: keep their dtype); residual_proj is always fp32
+    (official), packed ints stay."""
     out = {}
     for name, w in weights.items():
-        if mx.issubdtype(w.dtype, mx.floating) and "residual_proj" not in name:
-            w = w.astype(dtype)
+        if mx.issubdtype(w.dtype, mx.floating):
+            # A checkpoint stored in half precision (the bundled model) holds residual_proj in it too:
+            # left so, the residual would be computed in float16 (and by MLX's slow half-precision gemm).
+            target = mx.float32 if "residual_proj" in name else dtype
+            w = w if target is None else w.astype(target)
         out[name] = w
     return out
 

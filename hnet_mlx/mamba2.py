@@ -18,7 +18,7 @@ import mlx.nn as nn
 
 from hnet_core.config import MAMBA_HEADDIM
 
-from . import kernels
+from . import blas, kernels
 from .cache import MambaState
 from .norm import GatedRMSNorm
 from .ssd import softplus
@@ -96,7 +96,7 @@ class Mamba2(nn.Module):
 
     def step(self, u: mx.array, state: MambaState, active: mx.array | None = None, **_) -> mx.array:
         b = u.shape[0]
-        z, xBC, dt = self._split(self.in_proj(u[:, 0]))  # (b, ·)
+        z, xBC, dt = self._split(blas.linear(self.in_proj, u[:, 0]))  # (b, ·); see blas.linear
         xBC, conv = kernels.conv_step(state.conv, xBC, self.conv1d.weight[:, :, 0], self.conv1d.bias,
                                       mode=self.use_kernels)
         x, B, C = mx.split(xBC, [self.d_inner, self.d_inner + self.d_state], axis=-1)
@@ -108,4 +108,4 @@ class Mamba2(nn.Module):
         state.conv = commit(state.conv, conv, active)
         state.ssm = commit(state.ssm, ssm, active)
         y = self.norm(y.reshape(b, self.d_inner).astype(u.dtype), z)
-        return self.out_proj(y)[:, None]
+        return blas.linear(self.out_proj, y)[:, None]

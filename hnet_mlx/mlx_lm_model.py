@@ -228,7 +228,7 @@ class Model(HNetForCausalLM):
         return blocks
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = loading.sanitize(weights)
+        weights = loading.cast_weights(loading.sanitize(weights), None)  # residual_proj in float32, as hnet_mlx loads it
         if self.config.tie_embeddings:
             weights.pop("lm_head.weight", None)
         return weights

@@ -203,8 +203,11 @@ def ssm_step(
     g = B.shape[1]
     dt = softplus(dt.astype(F32) + dt_bias.astype(F32))  # (b, h)
     dA = mx.exp(dt * A.astype(F32))  # (b, h)
-    Bh = mx.repeat(B.astype(F32), h // g, axis=1)  # (b, h, n)
-    Ch = mx.repeat(C.astype(F32), h // g, axis=1)
+    if g == 1:  # H-Net's case: one group broadcasts over the heads (a repeat would be copied every step)
+        Bh, Ch = B.astype(F32), C.astype(F32)  # (b, 1, n)
+    else:
+        Bh = mx.repeat(B.astype(F32), h // g, axis=1)  # (b, h, n)
+        Ch = mx.repeat(C.astype(F32), h // g, axis=1)
     xf = x.astype(F32)
     new_state = state * dA[..., None, None] + (dt[..., None] * xf)[..., None] * Bh[:, :, None, :]
     # A product and a sum, not a (p, n) @ (n, 1) batched matmul: b*h tiny matmuls cost far more

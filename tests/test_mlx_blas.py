@@ -51,3 +51,20 @@ def test_a_missing_library_named_in_the_env_var_is_one_clear_line():
     result = run(REPORT, HNET_MLX_BLAS="/nonexistent/libblas.so")
     assert result.returncode == 0 and "could not be loaded" in result.stdout
     assert result.stderr.count("HNET_MLX_BLAS=/nonexistent/libblas.so could not be loaded") == 1
+
+
+def test_a_few_rows_times_a_wide_weight_go_through_small_kernel_blocks(monkeypatch):
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from hnet_mlx import blas
+
+    layer = nn.Linear(256, 1536, bias=True)
+    one, many = mx.random.normal((1, 1, 256)), mx.random.normal((1, 64, 256))
+    monkeypatch.setattr(blas, "_small_kernels", True)
+    blocks = mx.concatenate([one @ layer.weight[:768].T, one @ layer.weight[768:].T], axis=-1) + layer.bias
+    assert mx.array_equal(blas.linear(layer, one), blocks)  # 1 x 1536 > 1200 outputs: two 768-row blocks
+    assert mx.allclose(blas.linear(layer, one), layer(one), rtol=1e-5, atol=1e-5)
+    assert mx.array_equal(blas.linear(layer, many), layer(many))  # a prefill's rows: the plain product
+    monkeypatch.setattr(blas, "_small_kernels", False)  # other OpenBLAS kernels, or no OpenBLAS
+    assert mx.array_equal(blas.linear(layer, one), layer(one))

@@ -12,6 +12,7 @@ import hnet_torch
 from hnet_core import HNetError
 from hnet_core.tokenizer import encode
 from hnet_core.engine import prompt_batch
+from hnet_mlx.cache import isotropic_states
 
 from conftest import TEXT, config_2stage, random_torch_model
 from mlx_helpers import mlx_from_torch, np_
@@ -55,6 +56,20 @@ def test_prefill_then_step_equals_full_forward_at_every_position(model, prefill_
     assert np.abs(np.concatenate(logits, 1) - np_(full.logits)).max() <= ATOL
     for s, r in enumerate(full.routing):
         assert stage_masks[s] == list(np_(r.boundary_mask)[np_(r.valid)]), f"stage {s}"
+
+
+def test_split_step_grows_each_stack_only_on_the_steps_that_run_it(model):
+    # An inner stack that took one more bound every byte would grow its attention caches with the
+    # bytes, not with its chunks (and every step's slot write copies them whole).
+    model.step_mode = "split"
+    ids = mx.array([encode(TEXT[:80])])
+    cache = model.allocate_inference_cache(batch_size=1)  # grows
+    model(ids[:, :1], cache=cache)
+    for t in range(1, ids.shape[1]):
+        model.step(ids[:, t : t + 1], cache)
+    stacks = isotropic_states(cache.backbone)
+    assert [s.max_length for s in stacks] == [int(s.lengths.max().item()) for s in stacks]
+    assert stacks[0].max_length > stacks[len(stacks) // 2].max_length  # some bytes skipped the inner level
 
 
 @pytest.mark.parametrize("step_mode", ["fused", "split"])

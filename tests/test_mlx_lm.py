@@ -210,3 +210,13 @@ def test_mlx_lm_generate_command_prints_what_hnet_mlx_generate_prints():
                            "--max-tokens", "100", "--temp", "0"], capture_output=True, env=env, timeout=600)
     assert theirs.returncode == 0 and ours.returncode == 0, theirs.stderr[-500:]
     assert theirs.stdout == ours.stdout
+
+
+def test_mlx_lm_loads_the_residual_proj_of_a_float16_checkpoint_in_float32(demo):
+    from mlx.utils import tree_flatten
+
+    model, _ = demo
+    dtypes = {name: p.dtype for name, p in tree_flatten(model.parameters())}
+    assert any("residual_proj" in name for name in dtypes)
+    for name, dtype in dtypes.items():
+        assert dtype == (mx.float32 if "residual_proj" in name else mx.float16), name

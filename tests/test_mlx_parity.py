@@ -7,6 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 
 import hnet_mlx
 import hnet_torch
@@ -171,3 +172,28 @@ def test_init_weights_follows_the_official_scheme(small_config):
     fc = np.array(params["backbone.encoder.layers.0.mixer.in_proj.weight"]).std()
     out = np.array(params["backbone.encoder.layers.0.mixer.out_proj.weight"]).std()
     assert abs(fc - 0.02) < 0.004 and out < fc  # out_proj is scaled down by 1/sqrt(residual branches)
+
+
+def test_bundled_half_precision_checkpoint_loaded_as_float32_matches_torch():
+    # The bundled model is stored in float16, residual_proj included; loaded in float32 for the CPU,
+    # residual_proj must become float32 too (it stayed float16: logits 3e-3 away from torch's).
+    from hnet_core.backends import DEMO_MODEL, load_model
+
+    mm = load_model("mlx", DEMO_MODEL).model
+    assert {p.dtype for _, p in tree_flatten(mm.parameters())} == {mx.float32}
+    tm = hnet_torch.load_pretrained(DEMO_MODEL).eval()
+    ids = encode(TEXT[:120])
+    with torch.no_grad():
+        ot = tm(torch.tensor([ids]))
+    om = mm(mx.array([ids]))
+    assert np.abs(np_(om.logits) - ot.logits.numpy()).max() <= ATOL
+    for rt, rm in zip(ot.routing, om.routing):
+        assert (np_(rm.boundary_mask) == rt.boundary_mask.numpy()).all()
+
+
+def test_residual_proj_is_float32_even_when_the_rest_loads_as_stored_float16():
+    from hnet_core.backends import DEMO_MODEL
+
+    model = hnet_mlx.load_pretrained(DEMO_MODEL)  # no dtype: as stored
+    for name, p in tree_flatten(model.parameters()):
+        assert p.dtype == (mx.float32 if "residual_proj" in name else mx.float16), name
