@@ -3,19 +3,20 @@ compute exactly what a traced "where" step graph computes, whether or not a samp
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 
-from conftest import config_2stage, random_torch_model  # noqa: E402
 from hnet_export import tracing  # noqa: E402
 from hnet_export.layout import graph_io  # noqa: E402
 from hnet_export.step_where import where_step_from_cond  # noqa: E402
 
-MAX_SEQLEN = 64
+MAX_SEQLEN = 128  # as tests/test_onnx_configs.py, whose export this shares
 
 
 def _feeds(specs, rng: np.random.Generator, batch: int) -> dict:
@@ -31,19 +32,19 @@ def _feeds(specs, rng: np.random.Generator, batch: int) -> dict:
     return feeds
 
 
-def test_the_derived_where_step_equals_a_traced_one_bit_for_bit():
-    model = random_torch_model(config_2stage(), seed=11)
-    traced = {name: onnx_ir_model for name, onnx_ir_model, _ in tracing.trace_graphs(
-        model, ["step", "step_cond"], MAX_SEQLEN, "float32", 20, jobs=1, workdir="unused")}
+def test_the_derived_where_step_equals_a_traced_one_bit_for_bit(onnx_export):
+    # The 2-stage export the ONNX config tests share (nested Ifs; weights in a shared external file).
+    model, out = onnx_export("2stage", max_seqlen=MAX_SEQLEN, external_data=True, batch_variants=True)
+    derived = onnx.load(os.path.join(out, "step.onnx"), load_external_data=False)
+    cond = onnx.load(os.path.join(out, "step_cond.onnx"), load_external_data=False)
+    assert not any(n.op_type == "If" for n in derived.graph.node) and any(n.op_type == "If" for n in cond.graph.node)
+    (_, traced, _), = tracing.trace_graphs(model, ["step"], MAX_SEQLEN, "float32", 20, jobs=1, workdir="unused")
+
     import onnx_ir as ir
 
-    cond = ir.serde.serialize_model(traced["step_cond"])
-    derived = where_step_from_cond(cond)
-    assert not any(n.op_type == "If" for n in derived.graph.node) and any(n.op_type == "If" for n in cond.graph.node)
-    onnx.checker.check_model(derived, full_check=True)
-
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-                for m in (ir.serde.serialize_model(traced["step"]), derived)]
+    sessions = [ort.InferenceSession(ir.serde.serialize_model(traced).SerializeToString(),
+                                     providers=["CPUExecutionProvider"]),
+                ort.InferenceSession(os.path.join(out, "step.onnx"), providers=["CPUExecutionProvider"])]
     inputs, outputs = graph_io(model.config, MAX_SEQLEN, "float32", "step")
     runs_without_boundary = runs_with_boundary = 0
     for seed in range(16):
@@ -56,6 +57,17 @@ def test_the_derived_where_step_equals_a_traced_one_bit_for_bit():
         runs_with_boundary += bool(at_boundary)
         runs_without_boundary += not at_boundary
     assert runs_with_boundary and runs_without_boundary  # both of the cond graph's branches were compared
+
+
+def test_where_step_from_cond_inlines_nested_ifs_and_passes_the_checker(onnx_export):
+    _, out = onnx_export("2stage", max_seqlen=MAX_SEQLEN, external_data=True, batch_variants=True)
+    cond = onnx.load(os.path.join(out, "step_cond.onnx"), load_external_data=False)
+    derived = where_step_from_cond(cond)
+    assert not any(n.op_type == "If" for n in derived.graph.node)
+    assert any(n.op_type == "If" for n in cond.graph.node)  # the input is left as it was
+    assert len({n.name for n in derived.graph.node}) == len(derived.graph.node)
+    assert {i.name for i in derived.graph.initializer} <= {i for n in derived.graph.node for i in n.input}
+    onnx.checker.check_model(os.path.join(out, "step.onnx"), full_check=True)  # as written by the export
 
 
 def test_a_graph_without_if_is_left_as_it_is():
