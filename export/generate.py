@@ -22,10 +22,9 @@ class LiveState:
     started: bool = False  # prefill has run: later pieces extend
 
 
-def _result(out, at: np.ndarray | None = None) -> StepResult:  # logits at `at` (default: the last), counts (S, B)
+def _result(out, at: np.ndarray | None = None) -> StepResult:  # logits at `at` (default: the last), each stage's masks
     logits = out.logits[:, -1] if at is None else out.logits[np.arange(len(at)), at]
-    return StepResult(logits, np.stack([r.valid.sum(-1) for r in out.routing]).astype(np.int64),
-                      np.stack([r.boundary_mask.sum(-1) for r in out.routing]).astype(np.int64))
+    return StepResult.from_masks(logits, [(r.boundary_mask, r.valid) for r in out.routing])
 
 
 class Adapter(engine.Adapter):

@@ -42,6 +42,17 @@ class StepResult:
     valid: np.ndarray  # (S, B) int64: per routing stage, tokens of this call that entered it, per sample
     boundaries: np.ndarray  # (S, B) int64: of those, the ones routing chose as chunk starts
 
+    @classmethod
+    def from_masks(cls, logits: np.ndarray, masks: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> StepResult:
+        """From logits (B, V) and, per routing stage, (boundary_mask, valid) as numpy with B leading
+        (valid None: every entry valid): the counts are sums over each sample's entries."""
+        B = logits.shape[0]
+        bounds = [np.asarray(b).reshape(B, -1) for b, _ in masks]
+        valid = [np.full(B, b.shape[1]) if v is None else np.asarray(v).reshape(B, -1).sum(1)
+                 for b, (_, v) in zip(bounds, masks)]
+        shape = (len(masks), B)
+        return cls(logits, np.array(valid, np.int64).reshape(shape), np.array([b.sum(1) for b in bounds], np.int64).reshape(shape))
+
 
 @runtime_checkable
 class Adapter(Protocol):

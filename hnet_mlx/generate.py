@@ -14,18 +14,13 @@ from .lm import HNetForCausalLM
 from .prompt_cache import export_cache, import_cache
 
 
-def _result(logits: mx.array, routing) -> StepResult:  # on the host (one sync): logits (B, V), counts (S, B)
-    # The counts are summed by numpy after the one evaluation: as MLX ops outside the compiled step
-    # they were a dozen more dispatches every byte (65 µs of a ~2 ms step for the bundled model).
-    B = logits.shape[0]
+def _result(logits: mx.array, routing) -> StepResult:  # on the host (one sync): logits (B, V), each stage's masks
+    # numpy sums the counts after the one evaluation: as MLX ops outside the compiled step they were
+    # a dozen more dispatches every byte (65 µs of a ~2 ms step for the bundled model).
     logits = logits.astype(mx.float32)
     mx.eval(logits, [r.boundary_mask for r in routing], [r.valid for r in routing if r.valid is not None])
-    bounds, valid = np.zeros((len(routing), B), np.int64), np.zeros((len(routing), B), np.int64)
-    for s, r in enumerate(routing):
-        mask = np.array(r.boundary_mask).reshape(B, -1)
-        bounds[s] = mask.sum(1)
-        valid[s] = mask.shape[1] if r.valid is None else np.array(r.valid).reshape(B, -1).sum(1)
-    return StepResult(np.array(logits), valid, bounds)
+    host = lambda a: None if a is None else np.array(a)  # noqa: E731
+    return StepResult.from_masks(np.array(logits), [(host(r.boundary_mask), host(r.valid)) for r in routing])
 
 
 class Adapter(engine.Adapter):

@@ -14,12 +14,9 @@ from .lm import HNetForCausalLM
 from .prompt_cache import export_cache, import_cache
 
 
-def _result(logits: torch.Tensor, routing) -> StepResult:  # on the host: logits (B, V), counts (S, B)
-    B = logits.shape[0]
-    valid = torch.stack([(r.valid if r.valid is not None else torch.ones_like(r.boundary_mask)).reshape(B, -1).sum(1)
-                         for r in routing])
-    bounds = torch.stack([r.boundary_mask.reshape(B, -1).sum(1) for r in routing])
-    return StepResult(logits.float().cpu().numpy(), valid.cpu().numpy(), bounds.cpu().numpy())
+def _result(logits: torch.Tensor, routing) -> StepResult:  # on the host: logits (B, V), each stage's masks
+    host = lambda t: None if t is None else t.cpu().numpy()  # noqa: E731
+    return StepResult.from_masks(logits.float().cpu().numpy(), [(host(r.boundary_mask), host(r.valid)) for r in routing])
 
 
 class Adapter(engine.Adapter):
