@@ -10,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 
-import pytest
+# The default run is two pytest-xdist workers on 2 cores: each worker, and every process a test starts
+# (the docs examples, CLI runs), computes on one thread. With two threads each, a torch prefill waits
+# for a core the other worker holds (a 1.9 s docs example took 14.6 s in the full run). Tests of the
+# thread policy set their counts themselves.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hnet_core.config import HNetConfig
+import pytest  # noqa: E402
+
+from hnet_core.config import HNetConfig  # noqa: E402
 
 try:  # hnet_mlx first, so it loads OpenBLAS before any test file imports mlx (hnet_mlx/blas.py)
     import hnet_mlx  # noqa: F401
