@@ -100,15 +100,14 @@ class _SharedWeights:
         self.file.close()
 
 
-def _save(model: ir.Model, path: str) -> None:
-    _save_proto(ir.serde.serialize_model(model), path)
-
-
-def _save_proto(proto: onnx.ModelProto, path: str) -> None:
+def _save(model: ir.Model | onnx.ModelProto, path: str) -> onnx.ModelProto:
+    """Write `model` to `path` and check it; returns the protobuf as written."""
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     subgraphs.push_down(proto.graph)  # If-branch weights where the CPU provider pre-packs them
     onnx.save_model(proto, path)  # weights kept as references into an external file stay so
     # full_check adds strict shape inference; given a path it also reads external data and > 2 GB.
     onnx.checker.check_model(path, full_check=True)
+    return proto
 
 
 def _versions() -> dict[str, str]:
@@ -182,16 +181,17 @@ def export_model(model: HNetForCausalLM, out_dir: str, opset: int = DEFAULT_OPSE
                         shared.externalize(onnx_model, {"model." + n for n in weight_names} | linear.names)
                         linear.release()
                     onnx_model.producer_name = "hnet-mlx"
-                    _save(onnx_model, os.path.join(tmp, name + ".onnx"))
+                    written = _save(onnx_model, os.path.join(tmp, name + ".onnx"))
+                    if name == "step_cond":
+                        cond = written
         finally:
             if shared is not None:
                 shared.close()
         log("exporting step.onnx (step_cond.onnx with every If taking its then-branch) ...")
-        cond_path = os.path.join(tmp, "step_cond.onnx")
-        _save_proto(where_step_from_cond(onnx.load(cond_path, load_external_data=False)), os.path.join(tmp, "step.onnx"))
+        _save(where_step_from_cond(cond), os.path.join(tmp, "step.onnx"))
         captured["step"] = DERIVED
         if not batch_variants:
-            os.remove(cond_path)
+            os.remove(os.path.join(tmp, "step_cond.onnx"))
         for name in graphs:
             inputs, outputs = graph_io(config, max_seqlen, dtype, tracing.GRAPH_KINDS[name])
             io_table[name] = {"inputs": [s.to_dict() for s in inputs], "outputs": [s.to_dict() for s in outputs]}

@@ -15,6 +15,7 @@ names another LP64 CBLAS library. macOS needs none of this (MLX uses Accelerate 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -158,19 +159,16 @@ SMALL_KERNEL_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 SMALL_OUTPUTS = 1200
 SMALL_MNK = 1_000_000
 MIN_BLOCK = 128  # fewer rows per block: too many products (a prefill's many rows take the packed path)
-_small_kernels: bool | None = None
 
 
+@functools.cache
 def _has_small_kernels() -> bool:
-    global _small_kernels
-    if _small_kernels is None:
-        lib = _openblas()
-        name = b""
-        if lib is not None and hasattr(lib, "openblas_get_corename"):
-            lib.openblas_get_corename.restype = ctypes.c_char_p
-            name = lib.openblas_get_corename() or b""
-        _small_kernels = name.decode(errors="replace").lower() in SMALL_KERNEL_CORES
-    return _small_kernels
+    lib = _openblas()
+    name = b""
+    if lib is not None and hasattr(lib, "openblas_get_corename"):
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        name = lib.openblas_get_corename() or b""
+    return name.decode(errors="replace").lower() in SMALL_KERNEL_CORES
 
 
 def linear(layer, x):

@@ -17,6 +17,7 @@ cache passed in and out as plain arrays (see lm.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -119,17 +120,11 @@ def state_arrays(state: Any) -> list[mx.array]:
     return out
 
 
+@functools.cache
 def _fields(cls: type) -> tuple[str, ...] | None:
     """Field names of a dataclass type (None for anything else), looked up once per type: the decode
     step flattens and rebuilds its state every byte, and dataclasses.fields() costs a few µs a call."""
-    names = _FIELDS.get(cls, False)
-    if names is False:
-        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
-        _FIELDS[cls] = names
-    return names
-
-
-_FIELDS: dict[type, tuple[str, ...] | None] = {}
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
 
 
 def _collect(node: Any, out: list[mx.array]) -> None:

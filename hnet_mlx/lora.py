@@ -1,4 +1,5 @@
-"""LoRA adapters on the Linear layers of an MLX H-Net, and `hnet-mlx fuse` to merge them (MLX-specific).
+"""LoRA adapters on the Linear layers of an MLX H-Net, and `hnet-mlx fuse` to merge them (MLX-specific:
+LoRA fine-tuning is `hnet-mlx finetune`'s; the torch trainer fine-tunes all weights, so no torch twin).
 
     n = apply_lora(model, rank=8, layers=("in_proj", "out_proj", "Wqkv", "fc1", "fc2"), scale=2.0)
     ... train: only lora_a / lora_b are trainable ...

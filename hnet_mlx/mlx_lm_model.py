@@ -1,4 +1,5 @@
-"""mlx-lm's model protocol on top of HNetForCausalLM (a thin adapter, no model code of its own).
+"""mlx-lm's model protocol on top of HNetForCausalLM (a thin adapter, no model code of its own;
+MLX-specific: mlx-lm is MLX's, and torch's counterpart for transformers is hnet_torch/hf_model.py).
 
 Every model directory we write names this module in config.json (through the small `model_file`
 module beside it, see hnet_core/mlx_lm_files.py), so mlx-lm runs H-Net:

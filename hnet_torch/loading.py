@@ -13,6 +13,7 @@ Every problem (missing file, truncated file, wrong tensors, wrong config) is one
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 
@@ -131,7 +132,7 @@ def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetCon
     # arithmetic runs through torch's Python references, whose first call imports torch._dynamo: a
     # second of every `hnet` start with the bundled model. A large model builds on meta all the
     # same, where skipping its init saves more than that. Either way its storage is allocated once.
-    parameters = sum(t.numel() if isinstance(t, torch.Tensor) else _numel(t.shape) for t in stored.values())
+    parameters = sum(t.numel() if isinstance(t, torch.Tensor) else math.prod(t.shape) for t in stored.values())
     build_on = "meta" if parameters > DIRECT_BUILD_MAX_PARAMETERS else torch.device(device or "cpu")
     with torch.device(build_on):
         model = HNetForCausalLM(cfg, dtype=torch_dtype)
@@ -149,13 +150,6 @@ def load_pretrained(path: str | os.PathLike, config: str | os.PathLike | HNetCon
                 continue  # the embedding's storage
             _fill(target, stored[name])
     return model.eval()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _fill(target: torch.Tensor, stored: StoredTensor | torch.Tensor) -> None:

@@ -13,6 +13,9 @@ The layers that stay float are those the ONNX export keeps float (export/weights
 the routing q/k projections, whose cosine similarity decides every boundary, and the LM head;
 plus residual_proj, which the official model computes in float32. Quantized layers run on the
 CPU only, in float32.
+
+torch-only by design: MLX quantizes when converting (`hnet convert torch-to-mlx -q`, MLX's own
+nn.quantize in hnet_mlx/loading.py), so hnet_mlx has no quantize.py twin.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from hnet_core.errors import HNetError
 from .lm import HNetForCausalLM
 
 KEEP_FLOAT = ("routing_module.q_proj_layer", "routing_module.k_proj_layer", "lm_head", "residual_proj")
-QUANTIZE = ("int8",)
 
 
 def quantized_layers(model: HNetForCausalLM) -> set[str]:

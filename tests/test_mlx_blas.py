@@ -61,10 +61,10 @@ def test_a_few_rows_times_a_wide_weight_go_through_small_kernel_blocks(monkeypat
 
     layer = nn.Linear(256, 1536, bias=True)
     one, many = mx.random.normal((1, 1, 256)), mx.random.normal((1, 64, 256))
-    monkeypatch.setattr(blas, "_small_kernels", True)
+    monkeypatch.setattr(blas, "_has_small_kernels", lambda: True)
     blocks = mx.concatenate([one @ layer.weight[:768].T, one @ layer.weight[768:].T], axis=-1) + layer.bias
     assert mx.array_equal(blas.linear(layer, one), blocks)  # 1 x 1536 > 1200 outputs: two 768-row blocks
     assert mx.allclose(blas.linear(layer, one), layer(one), rtol=1e-5, atol=1e-5)
     assert mx.array_equal(blas.linear(layer, many), layer(many))  # a prefill's rows: the plain product
-    monkeypatch.setattr(blas, "_small_kernels", False)  # other OpenBLAS kernels, or no OpenBLAS
+    monkeypatch.setattr(blas, "_has_small_kernels", lambda: False)  # other OpenBLAS kernels, or no OpenBLAS
     assert mx.array_equal(blas.linear(layer, one), layer(one))
